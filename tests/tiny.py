@@ -59,3 +59,37 @@ def tiny_arch(family: str):
     from search_spaces import Arch
 
     return Arch.from_hf_config(tiny_config(family).to_dict())
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer whose 97 ids fit the tiny models' vocabulary."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, **{chr(c): i + 2 for i, c in enumerate(range(32, 127))}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+
+
+def save_tiny(family: str, directory) -> str:
+    """A complete local Hugging Face directory (safetensors + tokenizer) of a tiny model."""
+    tiny_model(family).save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+def write_corpus(path, words: int = 6000, seed: int = 0) -> str:
+    """A deterministic text file of pseudo-words, split into lines (documents)."""
+    import random
+
+    rng = random.Random(seed)
+    syllables = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "be", "do"]
+    lines, line = [], []
+    for _ in range(words):
+        line.append("".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))))
+        if len(line) >= 12:
+            lines.append(" ".join(line) + ".")
+            line = []
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)

@@ -40,3 +40,22 @@ def test_unrelated_base_is_still_exact():
     fast = engine.evaluate(windows, masks, base=Mask(mlp_removed={2}))
     naive = engine.evaluate_naive(windows, masks)
     assert [f.nll_sum for f in fast] == pytest.approx([n.nll_sum for n in naive], rel=1e-6)
+
+
+def test_engine_equals_stock_forward_with_labels(family):
+    """An independent oracle: the stock HF forward, mask applied in place the papers' way."""
+    from actors.reference import stock_masked, stock_nll
+
+    arch = tiny_arch(family)
+    model = tiny_model(family)
+    engine = Engine(LeanDecoder(model, arch), batch_size=2)
+    windows = torch.randint(0, arch.vocab_size, (4, 20), generator=torch.Generator().manual_seed(6))
+    masks = [Mask(), Mask(attn_removed={0}, mlp_removed={2}), Mask(head_units={1: 1}, mlp_width={0: 24})]
+    ours = engine.evaluate(windows, masks, base=Mask())
+    for mask, score in zip(masks, ours):
+        with stock_masked(model, mask, arch):
+            nll, tokens = stock_nll(model, windows, batch_size=2)
+        assert tokens == score.tokens
+        assert score.nll_sum == pytest.approx(nll, rel=1e-5)
+    dense_again = stock_nll(model, windows, batch_size=2)[0]  # the context restored every weight
+    assert dense_again == pytest.approx(ours[0].nll_sum, rel=1e-5)

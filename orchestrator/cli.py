@@ -1,0 +1,111 @@
+"""The ``rayprune`` command line. It owns nothing: parse, validate, hand over, print."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+
+def _run(args: argparse.Namespace) -> int:
+    from actors.models import read_model_config
+
+    from .campaign import Campaign
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides, check_model=read_model_config)
+    result = Campaign(config, progress=not args.no_progress).run()
+    print(summary(result.run_dir))
+    return 0
+
+
+def summary(run_dir: Path) -> str:
+    """The removal path and the held-out figures, as printed at the end of a run."""
+    from .report import path_table
+
+    path = json.loads((Path(run_dir) / "path.json").read_text())
+    held, ev = path["heldout"], path["evaluations"]
+    final_ratio = path["steps"][-1]["ratio"] if path["steps"] else 0.0
+    return "\n".join([
+        "", "Removal path (calibration perplexity):", path_table(path), "",
+        f"Held-out perplexity: dense {held['dense_ppl']:.3f} -> pruned {held['pruned_ppl']:.3f} "
+        f"at ratio {final_ratio:.4f}",
+        f"Evaluations: {ev['evaluated']} run, {ev['cached']} from cache, {ev['failed']} failed; "
+        f"{path['seconds']:.0f} s",
+        f"Run directory: {run_dir}",
+    ])
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from actors.models import read_model_config
+    from search_spaces import Arch, Mask, dense_params, param_count, ratio
+    from search_spaces.pruning_config import mask_from_pruning_config
+
+    arch = Arch.from_hf_config(read_model_config(args.model))
+    mask = Mask()
+    if args.pruning_config:
+        mask = mask_from_pruning_config(json.loads(Path(args.pruning_config).read_text()), arch)
+    figures = {"dense_params": dense_params(arch), "kept_params": param_count(mask, arch), "ratio": ratio(mask, arch)}
+    if args.json:
+        print(json.dumps(figures))
+        return 0
+    print(f"{args.model}: {arch.family}, {arch.num_layers} layers, hidden {arch.hidden_size}, MLP {arch.intermediate_size}, "
+          f"{arch.num_heads} heads / {arch.num_kv_heads} KV heads x {arch.head_dim}, vocab {arch.vocab_size}"
+          f"{', tied embeddings' if arch.tie_embeddings else ''}")
+    print(f"dense parameters: {figures['dense_params']:,}")
+    if args.pruning_config:
+        print(f"kept parameters:  {figures['kept_params']:,} (ratio {figures['ratio']:.4f}; removed blocks take "
+              f"their norm weights with them: {param_count(mask, arch, count_removed_norms=True):,} counting them)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rayprune", description="Structured pruning of LLMs on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run (or resume) a pruning campaign",
+                         description="Run a campaign from a YAML config; rerunning resumes from the run directory's cache.")
+    run.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override config keys, e.g. search.target_ratio=0.2")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
+    run.set_defaults(func=_run)
+
+    report = sub.add_parser("report", help="rewrite report.md and curve.png of a run directory")
+    report.add_argument("run_dir")
+    report.set_defaults(func=_report)
+
+    inspect = sub.add_parser("inspect", help="architecture and parameter counts from config.json alone")
+    inspect.add_argument("model", help="a preset, a local Hugging Face directory, or a hub id")
+    inspect.add_argument("--pruning-config", help="a MultiPruner pruning_config.json to count")
+    inspect.add_argument("--json", action="store_true", help='print {"dense_params", "kept_params", "ratio"}')
+    inspect.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from .campaign import RunDirectoryBusy
+
+    try:
+        return args.func(args)
+    except (ValueError, OSError, RunDirectoryBusy) as exc:
+        if args.verbose:
+            raise
+        print(f"rayprune: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""Campaign configuration: the YAML of SPEC §4 as frozen dataclasses, validated before anything runs.
+
+Contract of :func:`load_config`:
+
+- every problem of a config is found in one pass and reported in ONE :class:`ConfigError`, one line
+  per problem, each naming the dotted field, the bad value and the fix;
+- unknown keys are errors at every level (with the closest valid key suggested);
+- every key can be overridden as ``a.b=value``; the value is parsed as YAML, so numbers, booleans and
+  ``null`` work; overriding an unknown key is an error like any other;
+- the resolved config written by :func:`dump_yaml` loads back to an equal :class:`Config`.
+
+Relative paths (``data.calibration.windows``, ``output``) are relative to the working directory
+the campaign runs in, as for any command-line tool.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from search_spaces import Arch, UnsupportedArchitecture
+
+#: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
+METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna")
+IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner",)
+
+
+class ConfigError(ValueError):
+    """A config with problems. ``problems`` lists them all, one line each (field: value; fix)."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        header = f"invalid config ({count} problem{'' if count == 1 else 's'}):"
+        super().__init__("\n".join([header, *(f"  - {p}" for p in self.problems)]))
+
+
+# ---- the config ---------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class WindowsConfig:
+    """Token windows: ``sequences`` windows of ``length`` tokens drawn from the corpus with ``seed``.
+
+    ``windows`` (calibration only): a Parquet file of exact token windows (column ``input_ids``,
+    e.g. another run's ``calibration.parquet``) used instead of drawing; the other fields are then
+    not used to draw anything.
+    """
+
+    sequences: int = 8
+    length: int = 128
+    seed: int = 0
+    windows: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the calibration and evaluation windows come from."""
+
+    corpus: str = "wikipedia"  # a preset, a UTF-8 text file, or hf:<dataset>:<split>:<column>
+    calibration: WindowsConfig = field(default_factory=WindowsConfig)
+    evaluation: WindowsConfig = field(
+        default_factory=lambda: WindowsConfig(sequences=16, length=256, seed=1234)
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """What to search for and how. The search stops at ``target_ratio`` or after ``max_steps``."""
+
+    method: str = "blockpruner"  # see METHODS / IMPLEMENTED_METHODS
+    target_ratio: float  # removed / dense parameters, strictly inside (0, 1)
+    max_steps: int | None = None  # None: no cap on greedy steps
+    batch_size: int = 4  # calibration sequences per forward pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    """Evaluator actors on Ray, and how the driver treats a slow or dead one."""
+
+    actors: int | str = 1  # or "auto": as many as the cluster's resources allow
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0  # fractions below 1 share a GPU; above 1 must be whole
+    eval_timeout_s: float = 600.0  # one batch of masks on one actor
+    max_attempts: int = 3  # per mask, before it is recorded as failed
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """One campaign. ``output`` defaults to ``runs/<name>`` and is always a str once built."""
+
+    name: str
+    model: str  # a preset, a local Hugging Face directory, or a hub id
+    data: DataConfig = field(default_factory=DataConfig)
+    search: SearchConfig
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.output is None:
+            object.__setattr__(self, "output", f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict of the resolved config (what :func:`dump_yaml` writes)."""
+        return asdict(self)
+
+
+# ---- leaf checks: return the clean value or raise _Bad(reason; fix) -----------------------------
+class _Bad(Exception):
+    """A leaf value is wrong; the message says why and how to fix it."""
+
+
+Check = Callable[[Any, str], Any]  # (value, dotted field) -> clean value
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads "1e-1" as a str
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, path: str, example: str) -> float:
+    if isinstance(value, str) and _EXPONENT.match(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"is not a number; use e.g. {path}={example}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _Bad(f"is not a finite number; use e.g. {path}={example}")
+    return float(value)
+
+
+def _string(example: str) -> Check:
+    def check(value: Any, path: str) -> str:
+        if _is_int(value):  # YAML reads a bare 2024 as an int
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _Bad(f"is not a non-empty string; use e.g. {path}={example}")
+        return value
+
+    return check
+
+
+def _name(value: Any, path: str) -> str:
+    value = _string("demo")(value, path)
+    if not _NAME.match(value):
+        raise _Bad(f"is not a usable directory name; use letters, digits, '.', '_', '-', e.g. {path}=demo")
+    return value
+
+
+def _int(minimum: int, example: int, *, optional: bool = False) -> Check:
+    word = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def check(value: Any, path: str) -> int | None:
+        if value is None and optional:
+            return None
+        if not _is_int(value) or value < minimum:
+            fix = f"use e.g. {path}={example}" + (f" or {path}=null" if optional else "")
+            raise _Bad(f"is not {word}; {fix}")
+        return value
+
+    return check
+
+
+def _float(minimum: float, example: str, *, strict: bool) -> Check:
+    def check(value: Any, path: str) -> float:
+        number = _number(value, path, example)
+        if number < minimum or (strict and number == minimum):
+            word = ">" if strict else ">="
+            raise _Bad(f"must be {word} {minimum:g}; use e.g. {path}={example}")
+        return number
+
+    return check
+
+
+def _fraction(value: Any, path: str) -> float:
+    number = _number(value, path, "0.1")
+    if not 0.0 < number < 1.0:
+        raise _Bad(f"is not strictly between 0 and 1 (the fraction of parameters to remove); "
+                   f"use e.g. {path}=0.1")
+    return number
+
+
+def _gpus(value: Any, path: str) -> float:
+    number = _float(0.0, "1", strict=False)(value, path)
+    if number > 1 and not number.is_integer():
+        raise _Bad(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
+    return number
+
+
+def _actors(value: Any, path: str) -> int | str:
+    if value == "auto" or (_is_int(value) and value >= 1):
+        return value
+    raise _Bad(f"is not a positive integer or 'auto'; use e.g. {path}=2 or {path}=auto")
+
+
+def _method(value: Any, path: str) -> str:
+    use = ", ".join(IMPLEMENTED_METHODS)
+    if value not in METHODS:
+        raise _Bad(f"is not a search method; use one of {', '.join(METHODS)} ({use} implemented)")
+    if value not in IMPLEMENTED_METHODS:
+        raise _Bad(f"is not implemented yet; use {use}")
+    return value
+
+
+def _windows_file(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    value = _string("runs/other/calibration.parquet")(value, path)
+    if not Path(value).is_file():
+        raise _Bad(f"is not an existing file (relative to {os.getcwd()}); point it at a Parquet file of "
+                   f"token windows, e.g. another run's calibration.parquet, or remove the key")
+    return value
+
+
+def _no_windows(value: Any, path: str) -> None:
+    if value is not None:
+        raise _Bad("is not supported: evaluation windows are always drawn from data.corpus; remove the key")
+    return None
+
+
+def _optional_string(value: Any, path: str) -> str | None:
+    return None if value is None else _string("runs/demo")(value, path)
+
+
+# ---- the schema: section -> (dataclass, {key: check or subsection}) -----------------------------
+Section = tuple[type, dict[str, Any]]
+_WINDOWS: dict[str, Any] = {"sequences": _int(1, 8), "length": _int(1, 128), "seed": _int(0, 0)}
+_SCHEMA: Section = (Config, {
+    "name": _name,
+    "model": _string("smollm2-135m"),
+    "data": (DataConfig, {
+        "corpus": _string("wikipedia"),
+        "calibration": (WindowsConfig, {**_WINDOWS, "windows": _windows_file}),
+        "evaluation": (WindowsConfig, {**_WINDOWS, "windows": _no_windows}),  # always drawn
+    }),
+    "search": (SearchConfig, {
+        "method": _method,
+        "target_ratio": _fraction,
+        "max_steps": _int(1, 10, optional=True),
+        "batch_size": _int(1, 4),
+    }),
+    "cluster": (ClusterConfig, {
+        "actors": _actors,
+        "cpus_per_actor": _float(0.0, "1", strict=False),
+        "gpus_per_actor": _gpus,
+        "eval_timeout_s": _float(0.0, "600", strict=True),
+        "max_attempts": _int(1, 3),
+    }),
+    "output": _optional_string,
+})
+
+
+def _default(cls: type, defaults: Any, key: str) -> Any:
+    """Default of ``cls.key``: from the parent's default instance, else the dataclass; MISSING if none."""
+    if defaults is not None:
+        return getattr(defaults, key)
+    spec = {f.name: f for f in fields(cls)}[key]
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return MISSING
+
+
+def _unknown_key(key: Any, path: str, known: Iterable[str]) -> str:
+    dotted = f"{path}{key}"
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {path}{close[0]}?" if close else f"valid keys here: {', '.join(known)}"
+    return f"{dotted}: unknown key; {hint}"
+
+
+def _build(section: Section, raw: Mapping[str, Any], path: str, defaults: Any,
+           problems: list[str], valid: dict[str, Any]) -> Any:
+    """Check ``raw`` against ``section``; return the dataclass, or None if anything was wrong.
+
+    Every problem is appended to ``problems``; every leaf that passed is recorded in ``valid``
+    (dotted field -> clean value) so that cross-field checks can run on a partly broken config.
+    """
+    cls, spec = section
+    problems.extend(_unknown_key(k, path, spec) for k in raw if k not in spec)
+    values: dict[str, Any] = {}
+    ok = True
+    for key, check in spec.items():
+        dotted, default = f"{path}{key}", _default(cls, defaults, key)
+        if isinstance(check, tuple):
+            sub = raw.get(key, {})
+            sub = {} if sub is None else sub
+            if not isinstance(sub, Mapping):
+                problems.append(f"{dotted}: {sub!r} is not a section; write it as a mapping of keys")
+                ok = False
+                continue
+            parent = None if default is MISSING else default
+            values[key] = _build(check, sub, f"{dotted}.", parent, problems, valid)
+            ok = ok and values[key] is not None
+        elif key in raw:
+            try:
+                values[key] = valid[dotted] = check(raw[key], dotted)
+            except _Bad as bad:
+                problems.append(f"{dotted} {raw[key]!r} {bad}")
+                ok = False
+        elif default is MISSING:
+            problems.append(f"{dotted}: missing; it is required, set it in the YAML or as {dotted}=...")
+            ok = False
+        else:
+            values[key] = valid[dotted] = default
+    return cls(**values) if ok else None
+
+
+# ---- cross-field checks -------------------------------------------------------------------------
+def _output_problem(output: str) -> str | None:
+    """Why ``output`` cannot be created and written (None when it can)."""
+    probe = Path(output)
+    try:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"output: {output!r} cannot be created: {str(probe)!r} is not a directory; choose another output"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"output: {output!r} is not writable ({str(probe)!r} is read-only); choose another output"
+    except OSError as exc:
+        return f"output: {output!r} cannot be checked ({exc}); choose another output"
+    return None
+
+
+def _model_line(model: str, exc: Exception) -> str:
+    """``model: <message>``, naming the model unless the message already does."""
+    return f"model: {exc}" if repr(model) in str(exc) else f"model: {model!r}: {exc}"
+
+
+def _model_problems(model: str, check_model: Callable[[str], dict]) -> list[str]:
+    """Problems with ``model``: unreadable config (check_model's ValueError) or unsupported family."""
+    try:
+        hf_config = check_model(model)
+    except (ValueError, OSError) as exc:
+        return [_model_line(model, exc)]
+    try:
+        Arch.from_hf_config(hf_config)
+    except UnsupportedArchitecture as exc:
+        return [_model_line(model, exc)]
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"model: {model!r}: its config.json cannot be read as a decoder-only LM ({exc!r}); "
+                f"use a Llama, Mistral or Qwen2 checkpoint"]
+    return []
+
+
+# ---- raw YAML and overrides ---------------------------------------------------------------------
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"config file {str(path)!r} cannot be read ({exc.strerror}); check the path"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {exc}"]) from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file {str(path)!r}: top level is a {type(raw).__name__}; "
+                           f"it must be a mapping (name: ..., model: ..., search: ...)"])
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value as YAML (``0.1``, ``true``, ``null``, ``{a: 1}``); unparsable: the raw text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _merge(target: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge(target[key], sub_key, sub_value)
+    else:
+        target[key] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> str | None:
+    """Set ``a.b=value`` in ``raw`` (in place); return a problem line when it is malformed."""
+    dotted, sep, text = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts):
+        return f"override {override!r}: expected key=value, e.g. search.target_ratio=0.1"
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            return f"override {override!r}: {prefix} is a value ({child!r}), not a section; set {prefix}=... instead"
+        node = child
+    _merge(node, parts[-1], _parse_value(text))
+    return None
+
+
+# ---- public entry points ------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
+                check_model: Callable[[str], dict] | None = None) -> Config:
+    """Read, override and validate a campaign config.
+
+    ``path`` None starts from an empty config (everything from ``overrides``). ``check_model``
+    (e.g. ``actors.models.read_model_config``) maps ``model`` to its Hugging Face config dict or
+    raises ValueError; None skips the model checks. Raises one :class:`ConfigError` listing every
+    problem; returns the fully resolved :class:`Config` otherwise.
+    """
+    raw = _read_yaml(path) if path is not None else {}
+    problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
+    valid: dict[str, Any] = {}
+    config = _build(_SCHEMA, raw, "", None, problems, valid)
+    if "model" in valid and check_model is not None:
+        problems.extend(_model_problems(valid["model"], check_model))
+    output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
+    if output is not None and (problem := _output_problem(output)):
+        problems.append(problem)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML text, headed by the command that runs it."""
+    header = f"# Resolved config of campaign {config.name!r}. Run it with: rayprune run CONFIG.yaml\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def dump_yaml(config: Config, path: str | Path) -> Path:
+    """Write the resolved config to ``path`` atomically (dot-file, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(to_yaml(config))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

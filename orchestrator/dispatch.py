@@ -1,0 +1,114 @@
+"""Dispatching evaluation tasks over a pool of evaluator actors.
+
+The dispatcher owns ordering and retries; actors own nothing. Every actor gets a task as soon as it
+is free (no idle actor while work is queued). A task whose actor died (Ray restarts the actor and
+its model) or hung past its timeout (the actor is killed and restarted) is resubmitted; a task that
+raised is split into single masks so one bad mask cannot sink its neighbours; a mask is given up
+after ``max_attempts`` and reported as failed, and the search goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Task:
+    """Masks (canonical JSON) to score on one window set, branching from ``base``."""
+
+    window_set: str
+    masks: list[str]
+    base: str | None = None
+    attempts: int = 0
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of a task: one row per mask, or the error that made it fail for good."""
+
+    task: Task
+    rows: list[dict[str, Any]] | None
+    error: str | None = None
+
+
+class Dispatcher:
+    def __init__(self, actors: Sequence[Any], *, timeout_s: float = 600.0, max_attempts: int = 3,
+                 poll_s: float = 1.0) -> None:
+        if not actors:
+            raise ValueError("the dispatcher needs at least one actor")
+        self.actors = list(actors)
+        self.timeout_s = timeout_s
+        self.max_attempts = max_attempts
+        self.poll_s = poll_s
+        self.resubmissions = 0
+
+    def _timeout(self, task: Task) -> float:
+        return self.timeout_s * max(1, len(task.masks))
+
+    def run(self, tasks: Sequence[Task]) -> Iterator[Outcome]:
+        """Yield an ``Outcome`` per task (or per mask of a split task) as they complete."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        queue: deque[Task] = deque(tasks)
+        idle = list(self.actors)
+        in_flight: dict[Any, tuple[Any, Task, float]] = {}
+        while queue or in_flight:
+            while queue and idle:
+                actor, task = idle.pop(0), queue.popleft()
+                ref = actor.evaluate.remote(task.window_set, task.masks, task.base)
+                in_flight[ref] = (actor, task, time.monotonic())
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.poll_s)
+            for ref in ready:
+                actor, task, _ = in_flight.pop(ref)
+                idle.append(actor)
+                try:
+                    yield Outcome(task, ray.get(ref))
+                except (RayActorError, GetTimeoutError) as exc:  # the process died: Ray restarts it
+                    yield from self._retry(queue, task, f"evaluator died: {type(exc).__name__}")
+                except RayTaskError as exc:  # evaluate() raised
+                    yield from self._retry(queue, task, f"evaluation raised: {exc.cause!r}", split=True)
+            now = time.monotonic()
+            for ref, (actor, task, started) in list(in_flight.items()):
+                if now - started > self._timeout(task):
+                    log.warning("evaluation of %d masks exceeded %.0f s: restarting its actor",
+                                len(task.masks), self._timeout(task))
+                    del in_flight[ref]
+                    ray.kill(actor, no_restart=False)
+                    idle.append(actor)
+                    yield from self._retry(queue, task, "timed out")
+
+    def _retry(self, queue: deque[Task], task: Task, error: str, *, split: bool = False) -> Iterator[Outcome]:
+        task.attempts += 1
+        task.errors.append(error)
+        if split and len(task.masks) > 1:  # isolate the mask that raises
+            queue.extend(Task(task.window_set, [m], task.base, task.attempts, list(task.errors))
+                         for m in task.masks)
+        elif task.attempts < self.max_attempts:
+            self.resubmissions += 1
+            queue.append(task)
+        else:
+            yield Outcome(task, None, "; ".join(task.errors))
+
+
+def balanced_chunks(costs: Sequence[float], n_chunks: int) -> list[list[int]]:
+    """Split items (kept in order) into at most ``n_chunks`` contiguous runs of similar total cost."""
+    n_chunks = max(1, min(n_chunks, len(costs)))
+    target = sum(costs) / n_chunks
+    chunks: list[list[int]] = [[]]
+    acc = 0.0
+    for i, cost in enumerate(costs):
+        remaining_items, remaining_chunks = len(costs) - i, n_chunks - len(chunks)
+        if chunks[-1] and (acc + cost / 2 > target or remaining_items <= remaining_chunks) and remaining_chunks > 0:
+            chunks.append([])
+            acc = 0.0
+        chunks[-1].append(i)
+        acc += cost
+    return chunks

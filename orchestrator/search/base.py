@@ -1,0 +1,69 @@
+"""The searcher interface shared by every search method.
+
+A searcher is a small state machine with two calls, in the shape of Ray Tune's ``Searcher``:
+``suggest()`` returns the next batch of masks to score (or ``None`` when the search is over) and
+``observe(scores)`` hands back the calibration perplexity of every mask of that batch. Searchers
+never evaluate anything themselves, so they are deterministic given the scores: a campaign that is
+rerun against a complete cache replays the same decisions without running a single forward pass.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping
+
+from search_spaces import Mask
+
+StepKind = Literal["attn", "mlp", "attn_width", "mlp_width"]
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Masks to score. ``base`` is the model they branch from (a hint for prefix reuse)."""
+
+    masks: tuple[Mask, ...]
+    base: Mask | None = None
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decision on the removal path, with the state of the model right after it."""
+
+    step: int
+    kind: StepKind
+    layer: int
+    ppl: float
+    ratio: float
+    mask: Mask = field(compare=False)
+    params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "kind": self.kind, "layer": self.layer, "ppl": self.ppl,
+                "ratio": self.ratio, "params": self.params, "mask": self.mask.to_dict()}
+
+
+def rank_value(ppl: float) -> float:
+    """Perplexity as a sort key: NaN and inf are data, ranked after every finite score."""
+    return ppl if math.isfinite(ppl) else math.inf
+
+
+class Searcher(ABC):
+    """Contract: ``suggest`` and ``observe`` alternate; ``observe`` receives a score for every mask
+    of the last proposal; after ``suggest`` returns ``None`` the search is finished and ``path``
+    is final."""
+
+    dense_ppl: float | None = None
+    path: list[Step]
+
+    @abstractmethod
+    def suggest(self) -> Proposal | None: ...
+
+    @abstractmethod
+    def observe(self, scores: Mapping[Mask, float]) -> None: ...
+
+    @property
+    def current(self) -> Mask:
+        return self.path[-1].mask if self.path else Mask()

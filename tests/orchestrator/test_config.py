@@ -1,0 +1,196 @@
+"""The campaign config: defaults, overrides, one error listing every problem, round trip."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from orchestrator.config import (
+    IMPLEMENTED_METHODS,
+    ClusterConfig,
+    Config,
+    ConfigError,
+    DataConfig,
+    SearchConfig,
+    WindowsConfig,
+    dump_yaml,
+    load_config,
+)
+
+SMOLLM2: dict[str, Any] = {  # config.json of SmolLM2-135M, the fields Arch reads
+    "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+    "tie_word_embeddings": True,
+}
+
+GOOD = """\
+# rayprune run configs/demo.yaml
+name: demo
+model: smollm2-135m
+data:
+  corpus: wikipedia
+  calibration: {sequences: 8, length: 128, seed: 0}
+  evaluation: {sequences: 16, length: 256}
+search:
+  method: blockpruner
+  target_ratio: 0.10
+cluster: {actors: 2, cpus_per_actor: 1, gpus_per_actor: 0}
+output: {output}
+"""
+
+
+def fake_models(name: str) -> dict[str, Any]:
+    """Stands in for actors.models.read_model_config: one good model, one gpt2, else missing."""
+    if name == "smollm2-135m":
+        return SMOLLM2
+    if name == "gpt2":
+        return {**SMOLLM2, "model_type": "gpt2"}
+    raise ValueError(f"{name!r} is neither a preset, a local directory with config.json, nor a hub id; "
+                     f"use e.g. model=smollm2-135m")
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    def write(text: str, name: str = "config.yaml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text).replace("{output}", str(tmp_path / "runs" / "demo")))
+        return path
+
+    return write
+
+
+def test_good_config_loads_with_defaults(write):
+    config = load_config(write(GOOD), check_model=fake_models)
+    assert config.name == "demo" and config.model == "smollm2-135m"
+    assert config.data.calibration == WindowsConfig(sequences=8, length=128, seed=0)
+    assert config.data.evaluation == WindowsConfig(sequences=16, length=256, seed=1234)
+    assert config.search == SearchConfig(method="blockpruner", target_ratio=0.1, max_steps=None, batch_size=4)
+    assert config.cluster == ClusterConfig(actors=2, cpus_per_actor=1.0, gpus_per_actor=0.0,
+                                           eval_timeout_s=600.0, max_attempts=3)
+    assert isinstance(config.cluster.cpus_per_actor, float)
+
+
+def test_minimal_config_fills_defaults(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, ["name=mini", "model=smollm2-135m", "search.target_ratio=0.2"])
+    assert config == Config(name="mini", model="smollm2-135m", search=SearchConfig(target_ratio=0.2))
+    assert config.output == "runs/mini"
+    assert config.data == DataConfig() and config.cluster == ClusterConfig()
+
+
+def test_overrides_change_values(write):
+    overrides = ["search.target_ratio=0.25", "search.max_steps=7", "cluster.actors=auto",
+                 "cluster.gpus_per_actor=0.5", "data.calibration.seed=3", "data.corpus=hf:tatsu-lab/alpaca:train:text",
+                 "data.evaluation={sequences: 4}", "search.max_steps=null", "search.batch_size=2"]
+    config = load_config(write(GOOD), overrides)
+    assert config.search.target_ratio == 0.25 and config.search.max_steps is None
+    assert config.search.batch_size == 2
+    assert config.cluster.actors == "auto" and config.cluster.gpus_per_actor == 0.5
+    assert config.data.calibration.seed == 3
+    assert config.data.corpus == "hf:tatsu-lab/alpaca:train:text"
+    assert config.data.evaluation == WindowsConfig(sequences=4, length=256, seed=1234)  # merged, not replaced
+
+
+def test_exponent_numbers_are_numbers(write):
+    assert load_config(write(GOOD), ["search.target_ratio=1e-1"]).search.target_ratio == 0.1
+
+
+@pytest.mark.parametrize("model, expected", [
+    ("missing-model", "'missing-model' is neither a preset"),
+    ("gpt2", "model_type 'gpt2' is not supported; rayprune prunes llama, mistral, qwen2"),
+])
+def test_every_problem_in_one_error(write, model, expected):
+    path = write(GOOD.replace("target_ratio: 0.10", "target_ratio: 1.5\n  target_ration: 0.1")
+                 .replace("model: smollm2-135m", f"model: {model}"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["cluster.actors=0", "data.calibration.length=-5", "cluster.bogus=1"],
+                    check_model=fake_models)
+    message, problems = str(info.value), info.value.problems
+    assert len(problems) == 6, message
+    assert "search.target_ration: unknown key; did you mean search.target_ratio?" in message
+    assert "search.target_ratio 1.5 is not strictly between 0 and 1" in message
+    assert "search.target_ratio=0.1" in message  # the fix
+    assert "cluster.actors 0 is not a positive integer or 'auto'" in message
+    assert "data.calibration.length -5 is not a positive integer" in message
+    assert "cluster.bogus: unknown key" in message
+    assert [p for p in problems if p.startswith("model: ") and f"'{model}'" in p and expected in p], message
+
+
+def test_misspelled_keys_get_suggestions(write):
+    path = write("nmae: x\nmodel: m\nsearch: {target_ratio: 0.1, methd: blockpruner}\n"
+                 "data: {calibraton: {sequences: 2}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert "nmae: unknown key; did you mean name?" in message
+    assert "search.methd: unknown key; did you mean search.method?" in message
+    assert "data.calibraton: unknown key; did you mean data.calibration?" in message
+    assert "name: missing" in message
+
+
+def test_unimplemented_method_says_what_to_use(write):
+    assert IMPLEMENTED_METHODS == ("blockpruner",)
+    with pytest.raises(ConfigError, match="search.method 'sprint' is not implemented yet; use blockpruner"):
+        load_config(write(GOOD), ["search.method=sprint"])
+    with pytest.raises(ConfigError, match="search.method 'greedy' is not a search method"):
+        load_config(write(GOOD), ["search.method=greedy"])
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("search.target_ratio=0", "search.target_ratio 0 is not strictly between 0 and 1"),
+    ("search.target_ratio=.nan", "is not a finite number"),
+    ("search.target_ratio=abc", "search.target_ratio 'abc' is not a number"),
+    ("search.max_steps=0", "search.max_steps 0 is not a positive integer"),
+    ("search.batch_size=2.5", "search.batch_size 2.5 is not a positive integer"),
+    ("data.calibration.sequences=true", "data.calibration.sequences True is not a positive integer"),
+    ("data.calibration.seed=-1", "data.calibration.seed -1 is not an integer >= 0"),
+    ("cluster.gpus_per_actor=1.5", "above 1 must be a whole number of GPUs"),
+    ("cluster.eval_timeout_s=0", "cluster.eval_timeout_s 0 must be > 0"),
+    ("cluster.max_attempts=0", "cluster.max_attempts 0 is not a positive integer"),
+    ("name=a/b", "name 'a/b' is not a usable directory name"),
+    ("data.calibration.windows=nowhere.parquet", "data.calibration.windows 'nowhere.parquet' is not an existing file"),
+    ("data.evaluation.windows=x.parquet", "data.evaluation.windows 'x.parquet' is not supported"),
+    ("search=3", "search: 3 is not a section"),
+    ("search.target_ratio.x=1", "search.target_ratio is a value"),
+    ("search.target_ratio", "expected key=value"),
+])
+def test_bad_values_are_named_with_a_fix(write, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(GOOD), [override])
+    assert fragment in str(info.value)
+
+
+def test_windows_file_that_exists_is_accepted(write, tmp_path):
+    windows = tmp_path / "calibration.parquet"
+    windows.write_bytes(b"PAR1")
+    config = load_config(write(GOOD), [f"data.calibration.windows={windows}"])
+    assert config.data.calibration.windows == str(windows)
+
+
+def test_output_under_a_file_is_an_error(write, tmp_path):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="output: .* is not a directory"):
+        load_config(write(GOOD), [f"output={tmp_path / 'afile' / 'run'}"])
+
+
+def test_bad_yaml_and_missing_file_are_config_errors(write, tmp_path):
+    with pytest.raises(ConfigError, match="cannot be read"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write("name: [unclosed\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write("- a\n- b\n"))
+
+
+def test_dump_and_load_round_trip(write, tmp_path):
+    config = load_config(write(GOOD), ["search.max_steps=5", "data.calibration.seed=7", "cluster.actors=auto"],
+                         check_model=fake_models)
+    path = dump_yaml(config, tmp_path / "runs" / "demo" / "config.yaml")
+    assert path.read_text().startswith("# ")  # says how to run it
+    assert yaml.safe_load(path.read_text()) == config.to_dict()
+    assert load_config(path, check_model=fake_models) == config
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
