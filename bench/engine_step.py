@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from actors.corpus import load_documents, token_windows
+from actors.corpus import load_documents
 from actors.engine import Engine
 from actors.forward import LeanDecoder
 from actors.models import load_model, load_tokenizer, resolve_model
 from actors.reference import stock_masked, stock_nll
+from actors.windows import token_windows
 from search_spaces import Arch, Block, Mask
 
 RESULTS = Path(__file__).with_name("RESULTS.md")

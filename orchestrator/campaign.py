@@ -87,8 +87,9 @@ class Campaign:
 
     def prepare_windows(self) -> dict[str, np.ndarray]:
         """Token windows for calibration and held-out evaluation; calibration.parquet is written."""
-        from actors.corpus import load_documents, read_windows, token_windows, write_windows
+        from actors.corpus import load_documents
         from actors.models import load_tokenizer, resolve_model
+        from actors.windows import read_windows, token_windows, write_windows
 
         from .config import dump_yaml
 
@@ -107,8 +108,8 @@ class Campaign:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> CampaignResult:
-        from actors.corpus import windows_fingerprint
         from actors.models import read_model_config
+        from actors.windows import windows_fingerprint
         from cluster.session import connect, start_evaluators
 
         from .cache import EvalCache

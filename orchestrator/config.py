@@ -10,21 +10,24 @@ Contract of :func:`load_config`:
 - the resolved config written by :func:`dump_yaml` loads back to an equal :class:`Config`.
 
 Relative paths (``data.calibration.windows``, ``output``) are relative to the working directory
-the campaign runs in, as for any command-line tool.
+the campaign runs in, as for any command-line tool. The leaf value checks and the schema table
+live in :mod:`orchestrator.config_checks`.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
-import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import yaml
 
 from search_spaces import Arch, UnsupportedArchitecture
+
+if TYPE_CHECKING:
+    from .config_checks import Section
 
 #: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
 METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna")
@@ -109,151 +112,7 @@ class Config:
         return asdict(self)
 
 
-# ---- leaf checks: return the clean value or raise _Bad(reason; fix) -----------------------------
-class _Bad(Exception):
-    """A leaf value is wrong; the message says why and how to fix it."""
-
-
-Check = Callable[[Any, str], Any]  # (value, dotted field) -> clean value
-_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads "1e-1" as a str
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any, path: str, example: str) -> float:
-    if isinstance(value, str) and _EXPONENT.match(value):
-        value = float(value)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"is not a number; use e.g. {path}={example}")
-    if value != value or value in (float("inf"), float("-inf")):
-        raise _Bad(f"is not a finite number; use e.g. {path}={example}")
-    return float(value)
-
-
-def _string(example: str) -> Check:
-    def check(value: Any, path: str) -> str:
-        if _is_int(value):  # YAML reads a bare 2024 as an int
-            value = str(value)
-        if not isinstance(value, str) or not value.strip():
-            raise _Bad(f"is not a non-empty string; use e.g. {path}={example}")
-        return value
-
-    return check
-
-
-def _name(value: Any, path: str) -> str:
-    value = _string("demo")(value, path)
-    if not _NAME.match(value):
-        raise _Bad(f"is not a usable directory name; use letters, digits, '.', '_', '-', e.g. {path}=demo")
-    return value
-
-
-def _int(minimum: int, example: int, *, optional: bool = False) -> Check:
-    word = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-
-    def check(value: Any, path: str) -> int | None:
-        if value is None and optional:
-            return None
-        if not _is_int(value) or value < minimum:
-            fix = f"use e.g. {path}={example}" + (f" or {path}=null" if optional else "")
-            raise _Bad(f"is not {word}; {fix}")
-        return value
-
-    return check
-
-
-def _float(minimum: float, example: str, *, strict: bool) -> Check:
-    def check(value: Any, path: str) -> float:
-        number = _number(value, path, example)
-        if number < minimum or (strict and number == minimum):
-            word = ">" if strict else ">="
-            raise _Bad(f"must be {word} {minimum:g}; use e.g. {path}={example}")
-        return number
-
-    return check
-
-
-def _fraction(value: Any, path: str) -> float:
-    number = _number(value, path, "0.1")
-    if not 0.0 < number < 1.0:
-        raise _Bad(f"is not strictly between 0 and 1 (the fraction of parameters to remove); "
-                   f"use e.g. {path}=0.1")
-    return number
-
-
-def _gpus(value: Any, path: str) -> float:
-    number = _float(0.0, "1", strict=False)(value, path)
-    if number > 1 and not number.is_integer():
-        raise _Bad(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
-    return number
-
-
-def _actors(value: Any, path: str) -> int | str:
-    if value == "auto" or (_is_int(value) and value >= 1):
-        return value
-    raise _Bad(f"is not a positive integer or 'auto'; use e.g. {path}=2 or {path}=auto")
-
-
-def _method(value: Any, path: str) -> str:
-    use = ", ".join(IMPLEMENTED_METHODS)
-    if value not in METHODS:
-        raise _Bad(f"is not a search method; use one of {', '.join(METHODS)} ({use} implemented)")
-    if value not in IMPLEMENTED_METHODS:
-        raise _Bad(f"is not implemented yet; use {use}")
-    return value
-
-
-def _windows_file(value: Any, path: str) -> str | None:
-    if value is None:
-        return None
-    value = _string("runs/other/calibration.parquet")(value, path)
-    if not Path(value).is_file():
-        raise _Bad(f"is not an existing file (relative to {os.getcwd()}); point it at a Parquet file of "
-                   f"token windows, e.g. another run's calibration.parquet, or remove the key")
-    return value
-
-
-def _no_windows(value: Any, path: str) -> None:
-    if value is not None:
-        raise _Bad("is not supported: evaluation windows are always drawn from data.corpus; remove the key")
-    return None
-
-
-def _optional_string(value: Any, path: str) -> str | None:
-    return None if value is None else _string("runs/demo")(value, path)
-
-
-# ---- the schema: section -> (dataclass, {key: check or subsection}) -----------------------------
-Section = tuple[type, dict[str, Any]]
-_WINDOWS: dict[str, Any] = {"sequences": _int(1, 8), "length": _int(1, 128), "seed": _int(0, 0)}
-_SCHEMA: Section = (Config, {
-    "name": _name,
-    "model": _string("smollm2-135m"),
-    "data": (DataConfig, {
-        "corpus": _string("wikipedia"),
-        "calibration": (WindowsConfig, {**_WINDOWS, "windows": _windows_file}),
-        "evaluation": (WindowsConfig, {**_WINDOWS, "windows": _no_windows}),  # always drawn
-    }),
-    "search": (SearchConfig, {
-        "method": _method,
-        "target_ratio": _fraction,
-        "max_steps": _int(1, 10, optional=True),
-        "batch_size": _int(1, 4),
-    }),
-    "cluster": (ClusterConfig, {
-        "actors": _actors,
-        "cpus_per_actor": _float(0.0, "1", strict=False),
-        "gpus_per_actor": _gpus,
-        "eval_timeout_s": _float(0.0, "600", strict=True),
-        "max_attempts": _int(1, 3),
-    }),
-    "output": _optional_string,
-})
-
-
+# ---- walking the schema (config_checks._SCHEMA) -------------------------------------------------
 def _default(cls: type, defaults: Any, key: str) -> Any:
     """Default of ``cls.key``: from the parent's default instance, else the dataclass; MISSING if none."""
     if defaults is not None:
@@ -280,6 +139,8 @@ def _build(section: Section, raw: Mapping[str, Any], path: str, defaults: Any,
     Every problem is appended to ``problems``; every leaf that passed is recorded in ``valid``
     (dotted field -> clean value) so that cross-field checks can run on a partly broken config.
     """
+    from .config_checks import _Bad  # not at the top: config_checks imports this module's dataclasses
+
     cls, spec = section
     problems.extend(_unknown_key(k, path, spec) for k in raw if k not in spec)
     values: dict[str, Any] = {}
@@ -408,6 +269,8 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     raises ValueError; None skips the model checks. Raises one :class:`ConfigError` listing every
     problem; returns the fully resolved :class:`Config` otherwise.
     """
+    from .config_checks import _SCHEMA  # not at the top: config_checks imports this module's dataclasses
+
     raw = _read_yaml(path) if path is not None else {}
     problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
     valid: dict[str, Any] = {}

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from actors.corpus import read_windows
 from actors.engine import Engine
 from actors.forward import LeanDecoder
+from actors.windows import read_windows
 from orchestrator.campaign import Campaign
 from orchestrator.config import load_config
 from orchestrator.search import BlockPrunerSearcher

@@ -1,0 +1,162 @@
+"""Leaf value checks of the campaign config and the schema table that binds them to its fields.
+
+A leaf check takes ``(value, dotted field)`` and returns the clean value or raises :class:`_Bad`
+(reason; fix). :data:`_SCHEMA` maps every section of :class:`~orchestrator.config.Config` to its
+dataclass and every key to its check or subsection; ``orchestrator.config._build`` walks it.
+This module imports the dataclasses from :mod:`orchestrator.config`, which imports this module
+inside its functions only, so either can be imported first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, SearchConfig, WindowsConfig
+
+
+# ---- leaf checks: return the clean value or raise _Bad(reason; fix) -----------------------------
+class _Bad(Exception):
+    """A leaf value is wrong; the message says why and how to fix it."""
+
+
+Check = Callable[[Any, str], Any]  # (value, dotted field) -> clean value
+_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")  # YAML 1.1 reads "1e-1" as a str
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, path: str, example: str) -> float:
+    if isinstance(value, str) and _EXPONENT.match(value):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Bad(f"is not a number; use e.g. {path}={example}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise _Bad(f"is not a finite number; use e.g. {path}={example}")
+    return float(value)
+
+
+def _string(example: str) -> Check:
+    def check(value: Any, path: str) -> str:
+        if _is_int(value):  # YAML reads a bare 2024 as an int
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise _Bad(f"is not a non-empty string; use e.g. {path}={example}")
+        return value
+
+    return check
+
+
+def _name(value: Any, path: str) -> str:
+    value = _string("demo")(value, path)
+    if not _NAME.match(value):
+        raise _Bad(f"is not a usable directory name; use letters, digits, '.', '_', '-', e.g. {path}=demo")
+    return value
+
+
+def _int(minimum: int, example: int, *, optional: bool = False) -> Check:
+    word = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+
+    def check(value: Any, path: str) -> int | None:
+        if value is None and optional:
+            return None
+        if not _is_int(value) or value < minimum:
+            fix = f"use e.g. {path}={example}" + (f" or {path}=null" if optional else "")
+            raise _Bad(f"is not {word}; {fix}")
+        return value
+
+    return check
+
+
+def _float(minimum: float, example: str, *, strict: bool) -> Check:
+    def check(value: Any, path: str) -> float:
+        number = _number(value, path, example)
+        if number < minimum or (strict and number == minimum):
+            word = ">" if strict else ">="
+            raise _Bad(f"must be {word} {minimum:g}; use e.g. {path}={example}")
+        return number
+
+    return check
+
+
+def _fraction(value: Any, path: str) -> float:
+    number = _number(value, path, "0.1")
+    if not 0.0 < number < 1.0:
+        raise _Bad(f"is not strictly between 0 and 1 (the fraction of parameters to remove); "
+                   f"use e.g. {path}=0.1")
+    return number
+
+
+def _gpus(value: Any, path: str) -> float:
+    number = _float(0.0, "1", strict=False)(value, path)
+    if number > 1 and not number.is_integer():
+        raise _Bad(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
+    return number
+
+
+def _actors(value: Any, path: str) -> int | str:
+    if value == "auto" or (_is_int(value) and value >= 1):
+        return value
+    raise _Bad(f"is not a positive integer or 'auto'; use e.g. {path}=2 or {path}=auto")
+
+
+def _method(value: Any, path: str) -> str:
+    use = ", ".join(IMPLEMENTED_METHODS)
+    if value not in METHODS:
+        raise _Bad(f"is not a search method; use one of {', '.join(METHODS)} ({use} implemented)")
+    if value not in IMPLEMENTED_METHODS:
+        raise _Bad(f"is not implemented yet; use {use}")
+    return value
+
+
+def _windows_file(value: Any, path: str) -> str | None:
+    if value is None:
+        return None
+    value = _string("runs/other/calibration.parquet")(value, path)
+    if not Path(value).is_file():
+        raise _Bad(f"is not an existing file (relative to {os.getcwd()}); point it at a Parquet file of "
+                   f"token windows, e.g. another run's calibration.parquet, or remove the key")
+    return value
+
+
+def _no_windows(value: Any, path: str) -> None:
+    if value is not None:
+        raise _Bad("is not supported: evaluation windows are always drawn from data.corpus; remove the key")
+    return None
+
+
+def _optional_string(value: Any, path: str) -> str | None:
+    return None if value is None else _string("runs/demo")(value, path)
+
+
+# ---- the schema: section -> (dataclass, {key: check or subsection}) -----------------------------
+Section = tuple[type, dict[str, Any]]
+_WINDOWS: dict[str, Any] = {"sequences": _int(1, 8), "length": _int(1, 128), "seed": _int(0, 0)}
+_SCHEMA: Section = (Config, {
+    "name": _name,
+    "model": _string("smollm2-135m"),
+    "data": (DataConfig, {
+        "corpus": _string("wikipedia"),
+        "calibration": (WindowsConfig, {**_WINDOWS, "windows": _windows_file}),
+        "evaluation": (WindowsConfig, {**_WINDOWS, "windows": _no_windows}),  # always drawn
+    }),
+    "search": (SearchConfig, {
+        "method": _method,
+        "target_ratio": _fraction,
+        "max_steps": _int(1, 10, optional=True),
+        "batch_size": _int(1, 4),
+    }),
+    "cluster": (ClusterConfig, {
+        "actors": _actors,
+        "cpus_per_actor": _float(0.0, "1", strict=False),
+        "gpus_per_actor": _gpus,
+        "eval_timeout_s": _float(0.0, "600", strict=True),
+        "max_attempts": _int(1, 3),
+    }),
+    "output": _optional_string,
+})
