@@ -12,8 +12,10 @@ forward of each mask gives (same operations on the same tensors), at the cost of
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 import torch
 
@@ -35,12 +37,29 @@ class Score:
         return Score(self.nll_sum + other.nll_sum, self.tokens + other.tokens, self.seconds + other.seconds)
 
 
-class Engine:
-    """Evaluates masks over token windows with prefix reuse. Holds no search state."""
+@contextmanager
+def _intra_op_threads(n: int) -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
-    def __init__(self, decoder: LeanDecoder, batch_size: int = 4) -> None:
+
+class Engine:
+    """Evaluates masks over token windows with prefix reuse. Holds no search state.
+
+    ``streams`` > 1 runs that many mask suffixes concurrently, each on one intra-op thread (torch
+    releases the GIL inside its kernels). On a small CPU this beats splitting every small kernel
+    over all cores; on a GPU keep 1. Results are the same up to float summation order.
+    """
+
+    def __init__(self, decoder: LeanDecoder, batch_size: int = 4, streams: int = 1) -> None:
         self.decoder = decoder
         self.batch_size = batch_size
+        self.streams = streams
+        self._pool = ThreadPoolExecutor(streams, thread_name_prefix="rayprune-stream") if streams > 1 else None
 
     def _batches(self, windows: torch.Tensor):
         for start in range(0, windows.shape[0], self.batch_size):
@@ -71,19 +90,28 @@ class Engine:
                     h = decoder.block(index, h, base, rope)
                     if index + 1 in kept_at:
                         streams[index + 1] = h
-                shared = time.perf_counter() - t0
-                base_score: Score | None = None
-                for i, (mask, start) in enumerate(zip(masks, starts)):
+                shared = (time.perf_counter() - t0) / len(masks)
+
+                def suffix(i: int) -> Score:
                     t1 = time.perf_counter()
-                    if start is None:
-                        if base_score is None:
-                            base_score = Score(*decoder.nll(streams[num_blocks], batch))
-                        score = base_score
-                    else:
-                        score = Score(*decoder.nll(decoder.run(streams[start], mask, start), batch))
-                    own = time.perf_counter() - t1
-                    totals[i] = totals[i] + Score(score.nll_sum, score.tokens, own + shared / len(masks))
+                    start = starts[i]
+                    h = streams[num_blocks] if start is None else decoder.run(streams[start], masks[i], start)
+                    return Score(*decoder.nll(h, batch), time.perf_counter() - t1 + shared)
+
+                # Masks equal to the base share one score; the others run their suffixes,
+                # longest first so that concurrent streams finish together.
+                same = [i for i, s in enumerate(starts) if s is None]
+                runs = sorted((i for i, s in enumerate(starts) if s is not None), key=lambda i: starts[i])
+                scores = self._map(suffix, runs + same[:1])
+                for i, start in enumerate(starts):
+                    totals[i] = totals[i] + scores[same[0] if start is None else i]
         return totals
+
+    def _map(self, fn, indices: list[int]) -> dict[int, Score]:
+        if self._pool is None or len(indices) < 2:
+            return {i: fn(i) for i in indices}
+        with _intra_op_threads(1):
+            return dict(zip(indices, self._pool.map(_in_inference_mode(fn), indices)))
 
     def evaluate_naive(self, windows: torch.Tensor, masks: Sequence[Mask]) -> list[Score]:
         """Reference loop: one full forward per mask, mask in the outer loop."""
@@ -97,3 +125,13 @@ class Engine:
                     total = total + Score(*self.decoder.nll(h, batch))
                 results.append(Score(total.nll_sum, total.tokens, time.perf_counter() - t0))
         return results
+
+
+def _in_inference_mode(fn):
+    """Worker threads do not inherit the caller's inference mode: enter it in each."""
+
+    def wrapped(i):
+        with torch.inference_mode():
+            return fn(i)
+
+    return wrapped

@@ -59,3 +59,15 @@ def test_engine_equals_stock_forward_with_labels(family):
         assert score.nll_sum == pytest.approx(nll, rel=1e-5)
     dense_again = stock_nll(model, windows, batch_size=2)[0]  # the context restored every weight
     assert dense_again == pytest.approx(ours[0].nll_sum, rel=1e-5)
+
+
+def test_concurrent_streams_equal_sequential(family):
+    arch = tiny_arch(family)
+    model = tiny_model(family)
+    windows = torch.randint(0, arch.vocab_size, (4, 24), generator=torch.Generator().manual_seed(7))
+    base = Mask(mlp_removed={1})
+    masks = _candidates(arch, base)
+    one = Engine(LeanDecoder(model, arch), batch_size=2).evaluate(windows, masks, base=base)
+    two = Engine(LeanDecoder(model, arch), batch_size=2, streams=2).evaluate(windows, masks, base=base)
+    assert [s.nll_sum for s in two] == pytest.approx([s.nll_sum for s in one], rel=1e-6)
+    assert torch.get_num_threads() >= 1  # restored after the concurrent phase
