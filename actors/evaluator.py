@@ -15,7 +15,11 @@ import numpy as np
 
 
 class Evaluator:
-    """Holds one replica and named token-window sets (e.g. ``calibration``, ``evaluation``)."""
+    """Holds one replica and named token-window sets (e.g. ``calibration``, ``evaluation``).
+
+    The replica is L1-reordered once (``reorder``), as every export is, so width masks mean the
+    same thing everywhere; the fingerprint says so, keeping cache keys honest.
+    """
 
     def __init__(
         self,
@@ -26,6 +30,7 @@ class Evaluator:
         num_threads: int | None = None,
         dtype: str = "float32",
         device_map: str | dict | None = None,
+        reorder: bool = True,
     ) -> None:
         import torch
 
@@ -35,6 +40,7 @@ class Evaluator:
         from .fingerprint import model_fingerprint
         from .forward import LeanDecoder
         from .models import load_model, resolve_model
+        from .surgery import reorder_by_l1_
 
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -42,13 +48,15 @@ class Evaluator:
         path = resolve_model(model)
         self.model = load_model(path, dtype=dtype, device_map=device_map)
         self.arch = Arch.from_hf_config(self.model.config.to_dict())
+        if reorder:  # widths keep the most important channels/units first (a pure permutation)
+            reorder_by_l1_(self.model, self.arch)
         self.device = self.model.model.embed_tokens.weight.device
         # On a CPU, one concurrent candidate stream per thread beats spreading every kernel (bench/).
         streams = torch.get_num_threads() if self.device.type == "cpu" else 1
         self.engine = Engine(LeanDecoder(self.model, self.arch), batch_size=batch_size, streams=streams)
-        self.windows = {name: torch.as_tensor(np.asarray(w), dtype=torch.long, device=self.device)
+        self.windows = {name: torch.tensor(np.asarray(w), dtype=torch.long, device=self.device)
                         for name, w in windows.items()}
-        self.model_fingerprint = model_fingerprint(path)
+        self.model_fingerprint = model_fingerprint(path) + ("+l1" if reorder else "")
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.load_seconds = time.perf_counter() - t0
 

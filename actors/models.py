@@ -334,7 +334,9 @@ def load_model(
     """
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one bar per replica would drown the campaign's own
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
             raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(_DTYPES)}.")

@@ -218,6 +218,8 @@ class Campaign:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def write_outputs(self, result: CampaignResult) -> None:
+        from search_spaces.pruning_config import mask_to_pruning_config
+
         searcher = result.searcher
         path = {
             "dense_ppl": searcher.dense_ppl,
@@ -230,6 +232,12 @@ class Campaign:
             "seconds": result.wall_seconds,
         }
         write_json(self.run_dir / "path.json", path)
+        write_json(self.run_dir / "pruning_config.json", mask_to_pruning_config(searcher.current, self.arch))
+        if self.config.export:
+            from actors.export import export_compact
+
+            export_compact(self.config.model, searcher.current, self.run_dir / "model")
+            log.info("compact model written to %s", self.run_dir / "model")
         write_report(self.run_dir)
 
 

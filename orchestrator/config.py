@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 #: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
 METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna")
-IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner",)
+IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner", "multipruner")
 
 
 class ConfigError(ValueError):
@@ -79,6 +79,10 @@ class SearchConfig:
     target_ratio: float  # removed / dense parameters, strictly inside (0, 1)
     max_steps: int | None = None  # None: no cap on greedy steps
     batch_size: int = 4  # calibration sequences per forward pass
+    # MultiPruner (None: the model family's default, see search_spaces.budget.family_defaults)
+    split: tuple[float, float, float] | None = None  # budget shares of blocks : MLP width : heads
+    mlp_group: int | None = None  # MLP channels removed per width step
+    head_group: int | None = None  # head units (KV groups under GQA) removed per head step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,6 +106,7 @@ class Config:
     search: SearchConfig
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: str | None = None
+    export: bool = True  # write the compact model to <output>/model at the end
 
     def __post_init__(self) -> None:
         if self.output is None:
@@ -192,20 +197,29 @@ def _model_line(model: str, exc: Exception) -> str:
     return f"model: {exc}" if repr(model) in str(exc) else f"model: {model!r}: {exc}"
 
 
-def _model_problems(model: str, check_model: Callable[[str], dict]) -> list[str]:
-    """Problems with ``model``: unreadable config (check_model's ValueError) or unsupported family."""
+def _model_problems(model: str, check_model: Callable[[str], dict]) -> tuple[list[str], Arch | None]:
+    """Problems with ``model`` (unreadable config, unsupported family), and its Arch when fine."""
     try:
         hf_config = check_model(model)
     except (ValueError, OSError) as exc:
-        return [_model_line(model, exc)]
+        return [_model_line(model, exc)], None
     try:
-        Arch.from_hf_config(hf_config)
+        return [], Arch.from_hf_config(hf_config)
     except UnsupportedArchitecture as exc:
-        return [_model_line(model, exc)]
+        return [_model_line(model, exc)], None
     except (KeyError, TypeError, ValueError) as exc:
         return [f"model: {model!r}: its config.json cannot be read as a decoder-only LM ({exc!r}); "
-                f"use a Llama, Mistral or Qwen2 checkpoint"]
-    return []
+                f"use a Llama, Mistral or Qwen2 checkpoint"], None
+
+
+def _multipruner_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
+    """MultiPruner settings against the model: group sizes that divide, a split that sums to 1."""
+    from search_spaces.budget import check_multipruner, family_defaults
+
+    defaults = family_defaults(arch)
+    split = valid.get("search.split") or defaults.split
+    return check_multipruner(arch, split, valid.get("search.mlp_group") or defaults.mlp_group,
+                             valid.get("search.head_group") or defaults.head_group)
 
 
 # ---- raw YAML and overrides ---------------------------------------------------------------------
@@ -276,7 +290,10 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     valid: dict[str, Any] = {}
     config = _build(_SCHEMA, raw, "", None, problems, valid)
     if "model" in valid and check_model is not None:
-        problems.extend(_model_problems(valid["model"], check_model))
+        model_problems, arch = _model_problems(valid["model"], check_model)
+        problems.extend(model_problems)
+        if arch is not None and valid.get("search.method") == "multipruner":
+            problems.extend(_multipruner_problems(valid, arch))
     output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
     if output is not None and (problem := _output_problem(output)):
         problems.append(problem)

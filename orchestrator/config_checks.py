@@ -92,6 +92,35 @@ def _fraction(value: Any, path: str) -> float:
     return number
 
 
+def _split(value: Any, path: str) -> tuple[float, float, float] | None:
+    """``44:52:4``, ``[0.44, 0.52, 0.04]`` or null; shares in percent are scaled to fractions."""
+    if value is None:
+        return None
+    if _is_int(value):  # YAML 1.1 reads 44:52:4 as the base-60 integer 161524: read it back
+        digits = []
+        while value:
+            value, digit = divmod(value, 60)
+            digits.insert(0, digit)
+        value = digits
+    parts = value.split(":") if isinstance(value, str) else value
+    try:
+        shares = tuple(float(x) for x in parts)
+    except (TypeError, ValueError):
+        raise _Bad(f"is not a split; use e.g. {path}=44:52:4 (blocks : MLP width : heads)") from None
+    total = sum(shares)
+    if abs(total - 100) < 1e-6:
+        shares = tuple(x / 100 for x in shares)
+    if len(shares) != 3 or any(x < 0 for x in shares) or abs(sum(shares) - 1) > 1e-6:
+        raise _Bad(f"must be three non-negative shares summing to 1 (or 100); use e.g. {path}=44:52:4")
+    return shares  # type: ignore[return-value]
+
+
+def _bool(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Bad(f"is not true or false; use e.g. {path}=false")
+    return value
+
+
 def _gpus(value: Any, path: str) -> float:
     number = _float(0.0, "1", strict=False)(value, path)
     if number > 1 and not number.is_integer():
@@ -150,6 +179,9 @@ _SCHEMA: Section = (Config, {
         "target_ratio": _fraction,
         "max_steps": _int(1, 10, optional=True),
         "batch_size": _int(1, 4),
+        "split": _split,
+        "mlp_group": _int(1, 256, optional=True),
+        "head_group": _int(1, 1, optional=True),
     }),
     "cluster": (ClusterConfig, {
         "actors": _actors,
@@ -159,4 +191,5 @@ _SCHEMA: Section = (Config, {
         "max_attempts": _int(1, 3),
     }),
     "output": _optional_string,
+    "export": _bool,
 })

@@ -6,11 +6,20 @@ import json
 from pathlib import Path
 
 
+def step_label(step: dict) -> str:
+    """``attn 20``, ``mlp 3``, ``mlp 5 -> 1280 ch``, ``heads 7 -> 2 units``."""
+    if step["kind"] == "mlp_width":
+        return f"mlp {step['layer']} -> {step['width']} ch"
+    if step["kind"] == "attn_width":
+        return f"heads {step['layer']} -> {step['width']} units"
+    return f"{step['kind']} {step['layer']}"
+
+
 def path_table(path: dict) -> str:
-    lines = ["| step | removed | ppl (calibration) | ratio | parameters |", "|---:|---|---:|---:|---:|",
+    lines = ["| step | removed / narrowed | ppl (calibration) | ratio | parameters |", "|---:|---|---:|---:|---:|",
              f"| 0 | (dense) | {path['dense_ppl']:.3f} | 0.0000 | {path['dense_params']:,} |"]
     for s in path["steps"]:
-        lines.append(f"| {s['step']} | {s['kind']} {s['layer']} | {s['ppl']:.3f} | {s['ratio']:.4f} | {s.get('params', 0):,} |")
+        lines.append(f"| {s['step']} | {step_label(s)} | {s['ppl']:.3f} | {s['ratio']:.4f} | {s.get('params', 0):,} |")
     return "\n".join(lines)
 
 

@@ -40,9 +40,21 @@ class Step:
     mask: Mask = field(compare=False)
     params: int = 0
 
+    @property
+    def width(self) -> int | None:
+        """Width kept after a width step (MLP channels or head units); None for block removals."""
+        if self.kind == "mlp_width":
+            return dict(self.mask.mlp_width)[self.layer]
+        if self.kind == "attn_width":
+            return dict(self.mask.head_units)[self.layer]
+        return None
+
     def to_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "kind": self.kind, "layer": self.layer, "ppl": self.ppl,
-                "ratio": self.ratio, "params": self.params, "mask": self.mask.to_dict()}
+        out = {"step": self.step, "kind": self.kind, "layer": self.layer, "ppl": self.ppl, "ratio": self.ratio,
+               "params": self.params, "mask": self.mask.to_dict()}
+        if self.width is not None:
+            out["width"] = self.width
+        return out
 
 
 def rank_value(ppl: float) -> float:

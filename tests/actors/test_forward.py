@@ -56,3 +56,22 @@ def test_removing_a_block_changes_the_output(family):
         dense = lean.forward_logits(ids, Mask())
         pruned = lean.forward_logits(ids, Mask().remove(Block(2, "mlp")))
     assert (dense - pruned).abs().max() > 1e-3
+
+
+def test_l1_reordering_leaves_logits_unchanged(family):
+    from actors.surgery import reorder_by_l1_
+
+    arch = tiny_arch(family)
+    ids = torch.randint(0, arch.vocab_size, (2, 20), generator=torch.Generator().manual_seed(8))
+    model = reorder_by_l1_(tiny_model(family), arch)
+    with torch.inference_mode():
+        dense = tiny_model(family)(ids).logits
+        reordered = model(ids).logits
+    torch.testing.assert_close(reordered, dense, atol=1e-5, rtol=0)
+    mlp, attn = model.model.layers[1].mlp, model.model.layers[1].self_attn
+    channel_scores = mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1)
+    assert torch.all(channel_scores[:-1] >= channel_scores[1:])
+    units = arch.num_kv_heads
+    unit_scores = sum(p.weight.abs().view(units, -1).sum(1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert torch.all(unit_scores[:-1] >= unit_scores[1:])
+    assert not torch.equal(tiny_model(family).model.layers[1].mlp.gate_proj.weight, mlp.gate_proj.weight)

@@ -46,8 +46,12 @@ def test_campaign_matches_in_process_greedy_and_resumes(ray_session, tiny_setup)
     assert set(path) >= {"dense_ppl", "dense_params", "steps"}
     assert [set(s) >= {"step", "kind", "layer", "ppl", "ratio"} for s in path["steps"]] == [True] * 3
     assert all(s["kind"] in ("attn", "mlp") for s in path["steps"])
-    for name in ("config.yaml", "calibration.parquet", "report.md"):
+    for name in ("config.yaml", "calibration.parquet", "report.md", "curve.png", "pruning_config.json"):
         assert (run_dir / name).exists(), name
+    from actors.export import load_pruned
+    from actors.surgery import count_parameters
+
+    assert count_parameters(load_pruned(run_dir / "model")) == path["steps"][-1]["params"]
     assert list((run_dir / "evals").glob("*.parquet"))
 
     # calibration.parquet holds exactly the windows that were evaluated: replaying the search

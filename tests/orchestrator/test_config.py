@@ -133,8 +133,8 @@ def test_misspelled_keys_get_suggestions(write):
 
 
 def test_unimplemented_method_says_what_to_use(write):
-    assert IMPLEMENTED_METHODS == ("blockpruner",)
-    with pytest.raises(ConfigError, match="search.method 'sprint' is not implemented yet; use blockpruner"):
+    assert "sprint" not in IMPLEMENTED_METHODS
+    with pytest.raises(ConfigError, match="search.method 'sprint' is not implemented yet; use blockpruner, multipruner"):
         load_config(write(GOOD), ["search.method=sprint"])
     with pytest.raises(ConfigError, match="search.method 'greedy' is not a search method"):
         load_config(write(GOOD), ["search.method=greedy"])
@@ -194,3 +194,22 @@ def test_dump_and_load_round_trip(write, tmp_path):
     assert yaml.safe_load(path.read_text()) == config.to_dict()
     assert load_config(path, check_model=fake_models) == config
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+SMOL = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+        "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
+
+
+def test_multipruner_settings_are_checked_against_the_model(write):
+    path = write(GOOD)
+    config = load_config(path, ["search.method=multipruner", "search.split=44:52:4", "search.mlp_group=256"],
+                         check_model=lambda m: SMOL)
+    assert config.search.split == pytest.approx((0.44, 0.52, 0.04))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["search.method=multipruner", "search.mlp_group=1000", "search.head_group=3"],
+                    check_model=lambda m: SMOL)
+    message = str(info.value)
+    assert "search.mlp_group 1000 does not divide the MLP width 1536" in message
+    assert "search.head_group 3" in message and "GQA" in message
+    with pytest.raises(ConfigError, match="summing to 1"):
+        load_config(path, ["search.method=multipruner", "search.split=[0.5, 0.3, 0.1]"])

@@ -1,0 +1,85 @@
+"""Compact export: a physically smaller model that loads with stock transformers classes.
+
+``export_compact`` reorders the dense model (L1, as the evaluators do), applies the mask physically
+and saves safetensors, the tokenizer, ``pruning_config.json`` and a ``config.json`` whose
+``rayprune`` entry records the per-layer structure. ``load_pruned`` rebuilds that structure from the
+stock class (no ``trust_remote_code``, no patched fork) on empty weights and loads the tensors into
+it, so a 70B export never materialises the dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from search_spaces import Arch, Mask, param_count
+from search_spaces.pruning_config import mask_to_pruning_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+FORMAT_VERSION = 1
+
+
+def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32") -> Path:
+    """Write the compact model of ``mask`` applied to ``model`` (a preset, directory or hub id)."""
+    from .models import load_model, load_tokenizer, resolve_model
+    from .surgery import count_parameters, prune_model_, reorder_by_l1_
+
+    source = resolve_model(model)
+    dense = load_model(source, dtype=dtype)
+    arch = Arch.from_hf_config(dense.config.to_dict())
+    pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
+    params = count_parameters(pruned)
+    if params != param_count(mask, arch):
+        raise RuntimeError(f"exported model has {params} parameters, the mask says {param_count(mask, arch)}")
+    pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": "l1",
+                              "params": params, "source": str(model)}
+    out = Path(out_dir)
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    pruned.save_pretrained(staging)
+    load_tokenizer(source).save_pretrained(staging)
+    (staging / "pruning_config.json").write_text(json.dumps(mask_to_pruning_config(mask, arch), indent=2) + "\n")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(staging, out)
+    return out
+
+
+def load_pruned(path: str | os.PathLike[str], *, device_map: str | dict[str, Any] | None = None) -> PreTrainedModel:
+    """Load a compact export as a stock ``*ForCausalLM`` with its pruned structure."""
+    import torch
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .surgery import prune_model_
+
+    path = Path(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+    info = getattr(config, "rayprune", None)
+    if not isinstance(info, dict) or "mask" not in info:
+        raise ValueError(f"{path} is not a rayprune export (its config.json has no 'rayprune' entry); "
+                         f"load a dense model with transformers, or export one with `rayprune export`")
+    mask, arch = Mask.from_dict(info["mask"]), Arch.from_hf_config(config.to_dict())
+    with init_empty_weights():  # parameters on the meta device, buffers (rotary) real
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", trust_remote_code=False)
+    prune_model_(model, mask, arch)
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(shard))
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if arch.tie_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise ValueError(f"{path}: weights do not match the recorded structure "
+                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
+    if arch.tie_embeddings:
+        model.tie_weights()
+    if device_map is not None:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        model = dispatch_model(model, infer_auto_device_map(model) if device_map == "auto" else device_map)
+    return model.eval()
