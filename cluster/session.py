@@ -47,13 +47,18 @@ def replica_options(cpus_per_actor: float, gpus_per_actor: float) -> dict[str, A
     }
 
 
-def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, **evaluator_kwargs: Any) -> list:
-    """Start ``n`` evaluator actors; each pins its torch threads to its CPU share."""
+def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, *, evaluator_cls: type | None = None,
+                     **evaluator_kwargs: Any) -> list:
+    """Start ``n`` evaluator actors; each pins its torch threads to its CPU share.
+
+    ``evaluator_cls`` replaces :class:`actors.evaluator.Evaluator` (a subclass, e.g. one that injects
+    faults in tests); it must be importable by the Ray workers.
+    """
     import ray
 
     from actors.evaluator import Evaluator
 
     threads = max(1, int(cpus_per_actor))
-    cls = ray.remote(Evaluator).options(**replica_options(cpus_per_actor, gpus_per_actor))
+    cls = ray.remote(evaluator_cls or Evaluator).options(**replica_options(cpus_per_actor, gpus_per_actor))
     device_map = "auto" if gpus_per_actor > 1 else ("cuda" if gpus_per_actor else None)
     return [cls.remote(num_threads=threads, device_map=device_map, **evaluator_kwargs) for _ in range(n)]

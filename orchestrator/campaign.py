@@ -63,8 +63,9 @@ def write_json(path: Path, data: Any) -> None:
 class Campaign:
     """One campaign in one run directory. ``run()`` does everything; the pieces are public for tests."""
 
-    def __init__(self, config: Config, *, progress: bool = True) -> None:
+    def __init__(self, config: Config, *, progress: bool = True, evaluator_cls: type | None = None) -> None:
         self.config = config
+        self.evaluator_cls = evaluator_cls
         self.run_dir = Path(config.output)
         self.progress = progress
         self.counters = Counters()
@@ -125,7 +126,7 @@ class Campaign:
         started = connect(num_cpus=max(1, math.ceil(n_actors * cluster.cpus_per_actor)))
         try:
             actors = start_evaluators(n_actors, cluster.cpus_per_actor, cluster.gpus_per_actor,
-                                      model=self.config.model, windows=windows,
+                                      evaluator_cls=self.evaluator_cls, model=self.config.model, windows=windows,
                                       batch_size=self.config.search.batch_size)
             import ray
 
