@@ -47,18 +47,46 @@ def replica_options(cpus_per_actor: float, gpus_per_actor: float) -> dict[str, A
     }
 
 
-def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, *, evaluator_cls: type | None = None,
-                     **evaluator_kwargs: Any) -> list:
-    """Start ``n`` evaluator actors; each pins its torch threads to its CPU share.
+class Replicas(list):
+    """The evaluator actors of a campaign; ``shutdown()`` frees them and their placement groups."""
 
-    ``evaluator_cls`` replaces :class:`actors.evaluator.Evaluator` (a subclass, e.g. one that injects
-    faults in tests); it must be importable by the Ray workers.
+    def __init__(self, actors: list, groups: list) -> None:
+        super().__init__(actors)
+        self.groups = groups
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for actor in self:
+            ray.kill(actor, no_restart=True)
+        for group in self.groups:
+            remove_placement_group(group)
+        self.clear()
+        self.groups = []
+
+
+def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, *, evaluator_cls: type | None = None,
+                     placement_timeout_s: float = 60.0, **evaluator_kwargs: Any) -> Replicas:
+    """Start ``n`` evaluator actors, each in its own single-node placement group.
+
+    Each pins its torch threads to its CPU share; a replica with k > 1 GPUs spreads the model over
+    them with accelerate's ``device_map="auto"``. ``evaluator_cls`` replaces
+    :class:`actors.evaluator.Evaluator` (a subclass, e.g. one that injects faults in tests); it
+    must be importable by the Ray workers.
     """
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from actors.evaluator import Evaluator
 
+    from .placement import place_replicas
+
+    groups = place_replicas(n, cpus_per_actor, gpus_per_actor, timeout_s=placement_timeout_s)
     threads = max(1, int(cpus_per_actor))
-    cls = ray.remote(evaluator_cls or Evaluator).options(**replica_options(cpus_per_actor, gpus_per_actor))
+    cls = ray.remote(evaluator_cls or Evaluator)
+    options = replica_options(cpus_per_actor, gpus_per_actor)
     device_map = "auto" if gpus_per_actor > 1 else ("cuda" if gpus_per_actor else None)
-    return [cls.remote(num_threads=threads, device_map=device_map, **evaluator_kwargs) for _ in range(n)]
+    actors = [cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0))
+              .remote(num_threads=threads, device_map=device_map, **evaluator_kwargs) for g in groups]
+    return Replicas(actors, groups)

@@ -7,11 +7,13 @@ replays its searcher against the cache and only evaluates what was never evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from search_spaces import Arch, Mask, dense_params, mask_key, param_count, ratio
 from .dispatch import Dispatcher, Task, balanced_chunks
 from .report import write_report
 from .search import Searcher, make_searcher
+from .search.base import rank_value
 
 if TYPE_CHECKING:
     import numpy as np
@@ -111,6 +114,7 @@ class Campaign:
     def run(self) -> CampaignResult:
         from actors.models import read_model_config
         from actors.windows import windows_fingerprint
+        from cluster.placement import PlacementError, free_replica_slots
         from cluster.session import connect, start_evaluators
 
         from .cache import EvalCache
@@ -122,10 +126,17 @@ class Campaign:
         self.fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}
         self.cache = EvalCache(self.run_dir / "evals")
         cluster = self.config.cluster
-        n_actors = cluster.actors if isinstance(cluster.actors, int) else _free_replica_slots(cluster)
-        started = connect(num_cpus=max(1, math.ceil(n_actors * cluster.cpus_per_actor)))
+        fixed = isinstance(cluster.actors, int)
+        started = connect(num_cpus=max(1, math.ceil(cluster.actors * cluster.cpus_per_actor)) if fixed else os.cpu_count())
+        actors = None
         try:
+            n_actors = cluster.actors if fixed else free_replica_slots(cluster.cpus_per_actor, cluster.gpus_per_actor)
+            if n_actors < 1:
+                raise PlacementError(f"cluster.actors=auto found no free slot for a replica of "
+                                     f"{cluster.cpus_per_actor} CPU / {cluster.gpus_per_actor} GPU; free resources "
+                                     f"or lower cluster.cpus_per_actor / cluster.gpus_per_actor")
             actors = start_evaluators(n_actors, cluster.cpus_per_actor, cluster.gpus_per_actor,
+                                      placement_timeout_s=cluster.placement_timeout_s,
                                       evaluator_cls=self.evaluator_cls, model=self.config.model, windows=windows,
                                       batch_size=self.config.search.batch_size)
             import ray
@@ -148,6 +159,8 @@ class Campaign:
             heldout = {"dense_ppl": held[Mask()], "pruned_ppl": held[final]}
         finally:
             self.cache.flush()
+            if actors is not None and not started:  # a shared Ray outlives us: free what we took
+                actors.shutdown()
             if started:
                 import ray
 
@@ -170,14 +183,26 @@ class Campaign:
                 self.counters.cached += 1
             else:
                 todo.append(mask)
+        # A bar on a terminal; one log line per result where nobody watches a bar (ray job logs, CI).
+        bar_on = self.progress and sys.stderr.isatty()
         bar = tqdm(total=len(scores) + len(todo), initial=len(scores), desc=label, unit="mask",
-                   disable=not self.progress, leave=True)
+                   disable=not bar_on, leave=True)
+        total = len(scores) + len(todo)
+        if scores:
+            log.info("%s: %d of %d masks served from the cache", label, len(scores), total)
         for outcome in self.dispatcher.run(self._tasks(todo, base, window_set)):
+            results = []
             for mask_json, row in zip(outcome.task.masks, outcome.rows or [None] * len(outcome.task.masks)):
                 mask = Mask.from_json(mask_json)
                 scores[mask] = self._record(mask, window_set, row, outcome.error)
+                results.append(scores[mask])
             self.cache.flush()
             bar.update(len(outcome.task.masks))
+            if not bar_on:
+                worker = (outcome.rows or [{}])[0].get("worker", "-")
+                log.info("%s: %d masks from %s, best ppl %.3f (%d/%d done)%s", label, len(results), worker,
+                         min(results, key=rank_value), len(scores), total,
+                         f"; FAILED: {outcome.error}" if outcome.error else "")
         bar.close()
         return scores
 
@@ -231,6 +256,7 @@ class Campaign:
             "evaluations": {"evaluated": self.counters.evaluated, "cached": self.counters.cached,
                             "failed": self.counters.failed},
             "seconds": result.wall_seconds,
+            "arch": dataclasses.asdict(self.arch),  # dense widths, for the report's mask picture
         }
         write_json(self.run_dir / "path.json", path)
         write_json(self.run_dir / "pruning_config.json", mask_to_pruning_config(searcher.current, self.arch))
@@ -248,14 +274,3 @@ def _perplexity(nll_sum: float, tokens: int) -> float:
         return math.nan if tokens <= 0 or math.isnan(nll_sum) else math.inf
     mean = nll_sum / tokens
     return math.exp(mean) if mean < 700 else math.inf
-
-
-def _free_replica_slots(cluster) -> int:
-    """``cluster.actors: auto``: as many replicas as the cluster's free resources hold."""
-    import ray
-
-    free = ray.available_resources() if ray.is_initialized() else {"CPU": os.cpu_count() or 1}
-    by_cpu = int(free.get("CPU", 0) // max(cluster.cpus_per_actor, 1e-9))
-    if cluster.gpus_per_actor:
-        by_cpu = min(by_cpu, int(free.get("GPU", 0) // cluster.gpus_per_actor))
-    return max(1, by_cpu)

@@ -45,6 +45,16 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_result, load_target
+
+    result = evaluate(load_target(args.model_or_run), corpus=args.corpus, sequences=args.sequences,
+                      length=args.length, seed=args.seed, tasks=args.tasks or (), batch_size=args.batch_size,
+                      limit=args.limit)
+    print(json.dumps(result) if args.json else format_result(result))
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
     from search_spaces import Arch, Mask, dense_params, param_count, ratio
@@ -80,9 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     run.set_defaults(func=_run)
 
-    report = sub.add_parser("report", help="rewrite report.md and curve.png of a run directory")
+    report = sub.add_parser("report", help="rewrite report.md, curve.png and mask.png of a run directory")
     report.add_argument("run_dir")
     report.set_defaults(func=_report)
+
+    ev = sub.add_parser("eval", help="held-out perplexity (and zero-shot accuracy) of a run, an export or a model",
+                        description="Evaluate a run directory (its model/ export, else its final mask applied in "
+                                    "memory), a compact export, or a dense model (preset, directory, hub id). "
+                                    "Held-out settings default to the run's data.evaluation.")
+    ev.add_argument("model_or_run", metavar="MODEL_OR_RUN")
+    ev.add_argument("--corpus", help="held-out corpus (default: the run's data.corpus, else wikipedia); its test split is used")
+    ev.add_argument("--sequences", type=int, help="held-out windows (default: the run's, else 16)")
+    ev.add_argument("--length", type=int, help="tokens per window (default: the run's, else 256)")
+    ev.add_argument("--seed", type=int, help="window seed (default: the run's, else 1234)")
+    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ev.add_argument("--tasks", nargs="+", metavar="FILE_OR_NAME",
+                    help="zero-shot lm_eval tasks: local task YAML files or registered names (needs rayprune[eval])")
+    ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
+    ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.set_defaults(func=_eval)
 
     inspect = sub.add_parser("inspect", help="architecture and parameter counts from config.json alone")
     inspect.add_argument("model", help="a preset, a local Hugging Face directory, or a hub id")
@@ -96,11 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from cluster.placement import PlacementError
+
     from .campaign import RunDirectoryBusy
 
     try:
         return args.func(args)
-    except (ValueError, OSError, RunDirectoryBusy) as exc:
+    except (ValueError, OSError, RunDirectoryBusy, PlacementError) as exc:
         if args.verbose:
             raise
         print(f"rayprune: error: {exc}", file=sys.stderr)

@@ -94,6 +94,7 @@ class ClusterConfig:
     gpus_per_actor: float = 0.0  # fractions below 1 share a GPU; above 1 must be whole
     eval_timeout_s: float = 600.0  # one batch of masks on one actor
     max_attempts: int = 3  # per mask, before it is recorded as failed
+    placement_timeout_s: float = 60.0  # wait this long for the cluster to fit every replica
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -189,6 +189,7 @@ _SCHEMA: Section = (Config, {
         "gpus_per_actor": _gpus,
         "eval_timeout_s": _float(0.0, "600", strict=True),
         "max_attempts": _int(1, 3),
+        "placement_timeout_s": _float(0.0, "60", strict=True),
     }),
     "output": _optional_string,
     "export": _bool,

@@ -100,6 +100,8 @@ class Dispatcher:
 
 def balanced_chunks(costs: Sequence[float], n_chunks: int) -> list[list[int]]:
     """Split items (kept in order) into at most ``n_chunks`` contiguous runs of similar total cost."""
+    if not costs:  # nothing to do: no chunk at all (an empty task would still occupy an actor)
+        return []
     n_chunks = max(1, min(n_chunks, len(costs)))
     target = sum(costs) / n_chunks
     chunks: list[list[int]] = [[]]

@@ -1,0 +1,93 @@
+"""A private Ray head for tests: its own temp dir, free ports, dashboard on 127.0.0.1.
+
+It is stopped by the PIDs of its own processes (every one of them names the head's temp dir on its
+command line), never with ``ray stop``, which would kill every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import closing
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalHead:
+    def __init__(self, num_cpus: int = 2) -> None:
+        # Short path: Ray's unix sockets live under the temp dir and have a 107-byte limit.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="rph-", dir="/tmp"))
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.num_cpus = num_cpus
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+        self.env.pop("RAY_ADDRESS", None)
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def start(self) -> LocalHead:
+        ray = str(Path(sys.executable).with_name("ray"))
+        low = free_port()
+        cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
+               f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
+               "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+               f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
+               f"--object-manager-port={free_port()}", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
+               "--object-store-memory=200000000", "--disable-usage-stats"]
+        subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=120)
+        self._wait_for_dashboard()
+        return self
+
+    def _wait_for_dashboard(self, timeout: float = 60) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                    return
+            except OSError:
+                time.sleep(0.5)
+        raise TimeoutError(f"the Ray dashboard at {self.dashboard_url} did not come up")
+
+    def pids(self) -> list[int]:
+        """Every process of this head: each names our temp dir or our GCS port on its command line."""
+        marks = (str(self.temp_dir), f":{self.gcs_port}")
+        mine = []
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                line = " ".join(proc.info["cmdline"] or ())
+                if any(mark in line for mark in marks) and proc.info["pid"] != os.getpid():
+                    mine.append(proc.info["pid"])
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        return mine
+
+    def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 10
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.3)
+            if not self.pids():
+                break
