@@ -78,6 +78,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from actors.models import read_model_config
+    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_campaign
+    from search_spaces import Arch
+    from search_spaces.budget import family_defaults
+
+    from .config import load_config
+
+    config = load_config(args.config, args.overrides, check_model=read_model_config)
+    model = args.as_model or config.model
+    arch = Arch.from_hf_config(REFERENCE_MODELS.get(model) or read_model_config(model))
+    search, cal = config.search, config.data.calibration
+    defaults = family_defaults(arch)
+    tokens = args.tokens or cal.sequences * cal.length
+    hw = Hardware(tflops=args.tflops, gpu_memory_gb=args.gpu_memory_gb)
+    method = search.method if search.method in ("blockpruner", "multipruner") else "blockpruner"
+    plans = [plan_campaign(arch, model, method, search.target_ratio, tokens, g, hw,
+                           search.split or defaults.split, search.mlp_group or defaults.mlp_group)
+             for g in args.gpus]
+    print(format_plans(plans, tokens, hw))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayprune", description="Structured pruning of LLMs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -109,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=_eval)
+
+    plan = sub.add_parser("plan", help="predict a campaign's wall time on 1..N GPUs before it starts",
+                          description="The scaling model of cluster/plan.py applied to a config: steps, evaluations "
+                                      "and wall time with the naive loop and with the engine.")
+    plan.add_argument("config")
+    plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    plan.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
+    plan.add_argument("--tflops", type=float, default=35.0, help="effective TFLOPS of one GPU (default 35)")
+    plan.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    plan.add_argument("--tokens", type=int, help="calibration tokens (default: sequences x length of the config)")
+    plan.add_argument("--as-model", help="plan for a reference architecture instead (llama2-7b, llama2-13b, llama2-70b)")
+    plan.set_defaults(func=_plan)
 
     inspect = sub.add_parser("inspect", help="architecture and parameter counts from config.json alone")
     inspect.add_argument("model", help="a preset, a local Hugging Face directory, or a hub id")
