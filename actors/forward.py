@@ -59,6 +59,8 @@ class LeanDecoder:
         B, T, _ = h.shape
         q_out = units * arch.heads_per_unit * arch.head_dim
         kv_out = units * arch.head_dim
+        h = h.to(attn.q_proj.weight.device)  # a replica over k GPUs: follow the layer (no-op on one device)
+        cos, sin = (t.to(h.device) for t in rope)
         x = module.input_layernorm(h)  # (B, T, H)
         q = F.linear(x, attn.q_proj.weight[:q_out], _rows(attn.q_proj.bias, q_out))
         k = F.linear(x, attn.k_proj.weight[:kv_out], _rows(attn.k_proj.bias, kv_out))
@@ -66,7 +68,6 @@ class LeanDecoder:
         q = q.view(B, T, -1, arch.head_dim).transpose(1, 2)  # (B, nq, T, hd)
         k = k.view(B, T, -1, arch.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, -1, arch.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        cos, sin = rope
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         window = arch.sliding_window
         if window is not None and T > window:
@@ -82,6 +83,7 @@ class LeanDecoder:
         """MLP block keeping the first ``width`` channels; returns the new residual stream."""
         module = self.layers[layer]
         mlp = module.mlp
+        h = h.to(mlp.gate_proj.weight.device)
         x = module.post_attention_layernorm(h)  # (B, T, H)
         gate = F.linear(x, mlp.gate_proj.weight[:width], _rows(mlp.gate_proj.bias, width))  # (B, T, w)
         up = F.linear(x, mlp.up_proj.weight[:width], _rows(mlp.up_proj.bias, width))  # (B, T, w)
@@ -105,7 +107,7 @@ class LeanDecoder:
 
     # ---- outputs ----------------------------------------------------------------------------------
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.final_norm(h))  # (B, T, V)
+        return self.lm_head(self.final_norm(h.to(self.lm_head.weight.device)))  # (B, T, V)
 
     def nll(self, h: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
         """Summed next-token NLL (float64) and the number of predicted tokens.
@@ -113,8 +115,9 @@ class LeanDecoder:
         Token ``t+1`` is predicted from position ``t``; the head and the loss run over chunks of
         ``LOSS_CHUNK_TOKENS`` tokens.
         """
+        h = h.to(self.lm_head.weight.device)
         x = self.final_norm(h[:, :-1]).reshape(-1, h.shape[-1])  # (B*(T-1), H)
-        labels = input_ids[:, 1:].reshape(-1)  # (B*(T-1),)
+        labels = input_ids[:, 1:].reshape(-1).to(h.device)  # (B*(T-1),)
         total = 0.0
         for start in range(0, x.shape[0], LOSS_CHUNK_TOKENS):
             logits = self.lm_head(x[start : start + LOSS_CHUNK_TOKENS]).float()  # (chunk, V)
