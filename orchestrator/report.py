@@ -1,9 +1,21 @@
-"""``report.md`` and ``curve.png`` of a run directory, from ``path.json`` alone."""
+"""``report.md``, ``curve.png`` and ``mask.png`` of a run directory, from ``path.json``.
+
+The dense widths the mask picture needs come from ``path.json``'s ``arch`` entry; run directories
+written before it existed fall back to the model named in ``config.yaml`` (its ``config.json``
+alone, no weights). Without either, the report is written without the mask picture.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from search_spaces import Arch, Mask
+
+log = logging.getLogger("rayprune")
 
 
 def step_label(step: dict) -> str:
@@ -23,49 +35,148 @@ def path_table(path: dict) -> str:
     return "\n".join(lines)
 
 
-def write_curve(path: dict, out: Path) -> None:
-    import matplotlib
+def final_mask(path: dict) -> Mask:
+    """The mask after the last step: its ``mask`` entry, else replayed from the step kinds."""
+    from search_spaces import Block, Mask
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    steps = path["steps"]
+    if not steps:
+        return Mask()
+    if "mask" in steps[-1]:
+        return Mask.from_dict(steps[-1]["mask"])
+    mask = Mask()
+    for s in steps:  # path.json files older than the "mask" entry
+        if s["kind"] in ("attn", "mlp"):
+            mask = mask.remove(Block(s["layer"], s["kind"]))
+        elif s["kind"] == "attn_width":
+            mask = mask.with_heads(s["layer"], s["width"])
+        else:
+            mask = mask.with_mlp_width(s["layer"], s["width"])
+    return mask
 
-    ratios = [0.0] + [s["ratio"] for s in path["steps"]]
-    ppls = [path["dense_ppl"]] + [s["ppl"] for s in path["steps"]]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(ratios, ppls, marker="o", lw=1.5)
-    for s in path["steps"]:
-        ax.annotate(f"{s['kind']}{s['layer']}", (s["ratio"], s["ppl"]), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("removed parameter ratio")
-    ax.set_ylabel("calibration perplexity")
-    ax.set_title("removal path")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+
+def run_arch(run_dir: Path, path: dict) -> Arch | None:
+    """The dense architecture of a run: ``path.json``'s ``arch``, else config.yaml's model."""
+    from search_spaces import Arch
+
+    if isinstance(path.get("arch"), dict):
+        return Arch(**path["arch"])
+    model = run_config(run_dir).get("model")
+    if not model:
+        return None
+    try:
+        from actors.models import read_model_config
+
+        return Arch.from_hf_config(read_model_config(str(model)))
+    except (ValueError, OSError) as exc:
+        log.warning("no mask picture: the architecture of %s cannot be read (%s)", model, exc)
+        return None
+
+
+def run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved ``config.yaml`` as a plain dict ({} when absent)."""
+    import yaml
+
+    file = Path(run_dir) / "config.yaml"
+    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+
+
+def _structure_lines(mask: Mask) -> list[str]:
+    def layers(values) -> str:
+        return ", ".join(str(v) for v in sorted(values)) or "none"
+
+    lines = [f"- attention removed in layers: {layers(mask.attn_removed)}",
+             f"- MLP removed in layers: {layers(mask.mlp_removed)}"]
+    if mask.head_units:
+        lines.append("- heads narrowed: " + ", ".join(f"layer {l} -> {w} units" for l, w in mask.head_units))
+    if mask.mlp_width:
+        lines.append("- MLP narrowed: " + ", ".join(f"layer {l} -> {w} ch" for l, w in mask.mlp_width))
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _summary(path: dict, config: dict[str, Any], mask: Mask) -> list[str]:
+    steps = path["steps"]
+    final = steps[-1] if steps else None
+    search = config.get("search") or {}
+    what = [f"Model `{config['model']}`"] if config.get("model") else []
+    if search.get("method"):
+        what.append(f"method {search['method']}")
+    target = path.get("target_ratio", search.get("target_ratio"))
+    if target is not None:
+        what.append(f"target ratio {target:.2%}")
+    lines = [", ".join(what) + "." if what else ""]
+    if final:
+        removed = len(mask.attn_removed) + len(mask.mlp_removed)
+        narrowed = len(mask.head_units) + len(mask.mlp_width)
+        parts = [f"{removed} blocks removed"] + ([f"{narrowed} narrowed"] if narrowed else [])
+        lines.append(f"{len(steps)} steps ({', '.join(parts)}): {final['ratio']:.2%} of "
+                     f"{path['dense_params']:,} parameters removed, {final.get('params', 0):,} kept.")
+    return [line for line in lines if line] + [""]
+
+
+def _quality_table(path: dict) -> list[str]:
+    held = path.get("heldout") or {}
+    final = path["steps"][-1] if path["steps"] else None
+    lines = ["| model | parameters | ratio | ppl (calibration) | ppl (held-out) |", "|---|---:|---:|---:|---:|"]
+
+    def cell(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines.append(f"| dense | {path['dense_params']:,} | 0.0000 | {path['dense_ppl']:.3f} | {cell(held.get('dense_ppl'))} |")
+    if final:
+        lines.append(f"| pruned | {final.get('params', 0):,} | {final['ratio']:.4f} | {final['ppl']:.3f} | "
+                     f"{cell(held.get('pruned_ppl'))} |")
+    return lines + [""]
+
+
+def _cost_lines(path: dict) -> list[str]:
+    ev = path.get("evaluations") or {}
+    seconds = path.get("seconds")
+    if not ev and seconds is None:
+        return []
+    lines = ["| | |", "|---|---:|"]
+    if seconds is not None:
+        lines.append(f"| wall time | {_duration(seconds)} ({seconds:.0f} s) |")
+        if path["steps"]:
+            lines.append(f"| per step | {seconds / len(path['steps']):.1f} s |")
+    if ev:
+        lines += [f"| evaluations run | {ev.get('evaluated', 0):,} |",
+                  f"| served from the cache | {ev.get('cached', 0):,} |",
+                  f"| failed | {ev.get('failed', 0):,} |"]
+    return lines + ["", "Evaluation counts are those of the last session on this run directory (a resumed "
+                        "run serves earlier results from the cache).", ""]
 
 
 def write_report(run_dir: Path) -> Path:
-    """Write ``report.md`` and ``curve.png`` into ``run_dir``; returns the report's path."""
+    """Write ``report.md``, ``curve.png`` and ``mask.png`` into ``run_dir``; returns the report's path."""
+    from .plots import write_curve, write_mask
+
     run_dir = Path(run_dir)
     path = json.loads((run_dir / "path.json").read_text())
-    held = path.get("heldout") or {}
-    ev = path.get("evaluations") or {}
-    final = path["steps"][-1] if path["steps"] else None
-    lines = [f"# rayprune report: {run_dir.name}", ""]
-    if final:
-        lines += [f"Removed {len(path['steps'])} blocks: {final['ratio']:.2%} of {path['dense_params']:,} parameters "
-                  f"(target {path.get('target_ratio', float('nan')):.2%}).", ""]
-    if held:
-        lines += ["| model | held-out perplexity |", "|---|---:|",
-                  f"| dense | {held['dense_ppl']:.3f} |", f"| pruned | {held['pruned_ppl']:.3f} |", ""]
+    config = run_config(run_dir)
+    mask = final_mask(path)
+    lines = [f"# rayprune report: {run_dir.name}", ""] + _summary(path, config, mask)
+    lines += ["## Dense vs pruned", ""] + _quality_table(path)
     lines += ["## Removal path", "", path_table(path), ""]
-    if ev:
-        lines += [f"Evaluations: {ev.get('evaluated', 0)} run, {ev.get('cached', 0)} served from the cache, "
-                  f"{ev.get('failed', 0)} failed; wall time {path.get('seconds', 0):.0f} s.", ""]
     if path["steps"]:
         write_curve(path, run_dir / "curve.png")
-        lines += ["![perplexity vs ratio](curve.png)", ""]
+        lines += ["![calibration perplexity vs removed ratio](curve.png)", ""]
+    lines += ["## Kept structure", ""] + _structure_lines(mask) + [""]
+    arch = run_arch(run_dir, path)
+    if arch is not None:
+        final = path["steps"][-1]["ratio"] if path["steps"] else 0.0
+        write_mask(mask, arch, run_dir / "mask.png",
+                   title=f"kept structure at ratio {final:.2%} (\u00d7 removed; numbers: width kept)")
+        lines += ["![kept structure per layer](mask.png)", ""]
+    cost = _cost_lines(path)
+    if cost:
+        lines += ["## Time and evaluations", ""] + cost
     out = run_dir / "report.md"
-    out.write_text("\n".join(lines))
+    out.write_text("\n".join(lines).rstrip() + "\n")
     return out
