@@ -124,7 +124,7 @@ class Campaign:
         self.arch = Arch.from_hf_config(read_model_config(self.config.model))
         windows = self.prepare_windows()
         self.fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}
-        self.cache = EvalCache(self.run_dir / "evals")
+        self.cache = EvalCache(self.run_dir / "evals", flush_every=None)  # flushed once per finished task
         cluster = self.config.cluster
         fixed = isinstance(cluster.actors, int)
         started = connect(num_cpus=max(1, math.ceil(cluster.actors * cluster.cpus_per_actor)) if fixed else os.cpu_count())

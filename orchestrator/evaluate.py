@@ -1,0 +1,139 @@
+"""``rayprune eval``: held-out perplexity (and zero-shot accuracy) of a run, an export or a model.
+
+What ``MODEL_OR_RUN`` names decides what is evaluated:
+
+- a run directory (it holds ``path.json`` or ``config.yaml``): its compact export ``model/``; a run
+  without one gets the final mask of ``path.json`` applied in memory to the configured model (L1
+  reordered, physically sliced: what ``export_compact`` would write). The held-out settings default
+  to the run's ``data.corpus`` and ``data.evaluation``, so the figure repeats the run's own;
+- a compact export (its ``config.json`` has a ``rayprune`` entry): loaded with ``load_pruned``;
+- anything else is a dense model: a preset, a local Hugging Face directory or a hub id.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class Target:
+    """A loaded model to evaluate, and where its default held-out settings come from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    kind: str  # "run export" | "run (masked in memory)" | "compact export" | "dense"
+    source: str
+    evaluation: dict[str, Any] = field(default_factory=dict)  # corpus, sequences, length, seed
+    recorded: dict[str, Any] | None = None  # path.json's held-out figures, for a run
+
+
+def _is_run_dir(path: Path) -> bool:
+    return path.is_dir() and not (path / "config.json").is_file() and (
+        (path / "path.json").is_file() or (path / "config.yaml").is_file())
+
+
+def _is_export(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    return "rayprune" in json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
+def _run_evaluation(config: dict[str, Any]) -> dict[str, Any]:
+    data = config.get("data") or {}
+    evaluation = {k: v for k, v in (data.get("evaluation") or {}).items() if k in ("sequences", "length", "seed")}
+    return {"corpus": data.get("corpus", "wikipedia"), **evaluation}
+
+
+def _masked_in_memory(model_spec: str, mask_dict: dict[str, Any]) -> PreTrainedModel:
+    from actors.models import load_model, resolve_model
+    from actors.surgery import prune_model_, reorder_by_l1_
+    from search_spaces import Arch, Mask
+
+    dense = load_model(resolve_model(model_spec))
+    arch = Arch.from_hf_config(dense.config.to_dict())
+    return prune_model_(reorder_by_l1_(dense, arch), Mask.from_dict(mask_dict), arch).eval()
+
+
+def load_target(spec: str) -> Target:
+    """Load what ``spec`` names (see the module docstring); raises ValueError with the fix."""
+    from actors.export import load_pruned
+    from actors.models import load_model, load_tokenizer, resolve_model
+
+    from .report import final_mask, run_config
+
+    path = Path(spec).expanduser()
+    if _is_run_dir(path):
+        config = run_config(path)
+        run_path = json.loads((path / "path.json").read_text()) if (path / "path.json").is_file() else None
+        recorded = (run_path or {}).get("heldout")
+        if _is_export(path / "model"):
+            return Target(load_pruned(path / "model"), load_tokenizer(path / "model"), "run export",
+                          str(path / "model"), _run_evaluation(config), recorded)
+        if not config.get("model") or run_path is None:
+            raise ValueError(f"{path} is a run directory without model/, and without the config.yaml model and "
+                             f"path.json needed to rebuild it; run `rayprune export {path}` or finish the run")
+        model = _masked_in_memory(str(config["model"]), final_mask(run_path).to_dict())
+        return Target(model, load_tokenizer(resolve_model(str(config["model"]))), "run (masked in memory)",
+                      f"{config['model']} + final mask of {path / 'path.json'}", _run_evaluation(config), recorded)
+    if path.is_dir() and _is_export(path):
+        return Target(load_pruned(path), load_tokenizer(path), "compact export", str(path))
+    source = resolve_model(spec)
+    return Target(load_model(source), load_tokenizer(source), "dense", spec)
+
+
+def evaluate(target: Target, *, corpus: str | None = None, sequences: int | None = None,
+             length: int | None = None, seed: int | None = None, tasks: Sequence[str] = (),
+             batch_size: int = 4, limit: int | None = None) -> dict[str, Any]:
+    """Held-out perplexity, and zero-shot metrics for ``tasks``, as one JSON-ready dict.
+
+    Unset settings come from the run's config, else from the config defaults (``DataConfig``).
+    """
+    from actors.heldout import heldout_score, heldout_windows, perplexity
+    from actors.surgery import count_parameters
+
+    from .config import DataConfig
+
+    default = DataConfig()
+    base = {"corpus": default.corpus, "sequences": default.evaluation.sequences,
+            "length": default.evaluation.length, "seed": default.evaluation.seed, **target.evaluation}
+    given = {"corpus": corpus, "sequences": sequences, "length": length, "seed": seed}
+    settings = base | {k: v for k, v in given.items() if v is not None}
+    windows = heldout_windows(target.tokenizer, settings["corpus"], int(settings["sequences"]),
+                              int(settings["length"]), int(settings["seed"]))
+    score = heldout_score(target.model, windows, batch_size=batch_size)
+    result: dict[str, Any] = {
+        "model": target.source, "kind": target.kind, "params": count_parameters(target.model),
+        "heldout": {"ppl": perplexity(score), "nll_sum": score.nll_sum, "tokens": score.tokens,
+                    "seconds": score.seconds, **settings},
+    }
+    if target.recorded and settings == base:  # the run's own windows: its figures are comparable
+        result["recorded_heldout"] = target.recorded
+    if tasks:
+        from actors.zeroshot import zero_shot
+
+        result["tasks"] = zero_shot(target.model, target.tokenizer, tasks, batch_size=batch_size, limit=limit)
+    return result
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """The human-readable form ``rayprune eval`` prints without ``--json``."""
+    held = result["heldout"]
+    lines = [f"model: {result['model']} ({result['kind']}, {result['params']:,} parameters)",
+             f"held-out perplexity: {held['ppl']:.3f} ({held['corpus']} test split, {held['sequences']} x "
+             f"{held['length']} tokens, seed {held['seed']}; {held['tokens']:,} predicted tokens, "
+             f"{held['seconds']:.1f} s)"]
+    recorded = result.get("recorded_heldout")
+    if recorded and "pruned_ppl" in recorded:
+        lines.append(f"recorded by the run (same windows): dense {recorded['dense_ppl']:.3f} -> pruned {recorded['pruned_ppl']:.3f}")
+    for task, metrics in (result.get("tasks") or {}).items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.endswith("_stderr") and k != "samples")
+        errors = {k[: -len("_stderr")]: v for k, v in metrics.items() if k.endswith("_stderr")}
+        lines.append(f"{task}: {shown}" + (f" (stderr {', '.join(f'{v:.4f}' for v in errors.values())})" if errors else "")
+                     + f" on {int(metrics.get('samples', 0))} items")
+    return "\n".join(lines)
