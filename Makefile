@@ -24,6 +24,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/engine_step.py
+	$(PY) bench/throughput.py
+	$(PY) bench/campaigns.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -22,9 +22,9 @@ from actors.models import load_model, resolve_model
 from orchestrator.campaign import Campaign
 from orchestrator.config import load_config
 from orchestrator.report import step_label
+from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).with_name("RESULTS.md")
 MARKER = "<!-- campaigns -->"
 
 
@@ -85,7 +85,6 @@ def write_results(block: dict, multi: dict, latency: dict, sizes: dict) -> None:
     for s in multi["steps"]:
         kinds[s["kind"]] = kinds.get(s["kind"], 0) + 1
     lines = [
-        MARKER,
         "## BlockPruner vs MultiPruner on SmolLM2-135M (`bench/campaigns.py`)",
         "",
         f"Same calibration (2 x 128 tokens of wikipedia train, seed 0), held-out 16 x 256 tokens of wikipedia test, "
@@ -102,17 +101,8 @@ def write_results(block: dict, multi: dict, latency: dict, sizes: dict) -> None:
         f"MultiPruner's path ({', '.join(f'{n} {k}' for k, n in kinds.items())} steps):",
         "",
         " -> ".join(f"{step_label(s)} ({s['ppl']:.2f})" for s in multi["steps"]),
-        MARKER,
     ]
-    section = "\n".join(lines)
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nWritten by `make bench`.\n\n"
-    if MARKER in text:
-        head, _, rest = text.partition(MARKER)
-        text = head + section + rest.partition(MARKER)[2]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
-    print(section)
+    write_section(MARKER, lines)
 
 
 if __name__ == "__main__":
