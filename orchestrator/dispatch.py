@@ -5,6 +5,10 @@ is free (no idle actor while work is queued). A task whose actor died (Ray resta
 its model) or hung past its timeout (the actor is killed and restarted) is resubmitted; a task that
 raised is split into single masks so one bad mask cannot sink its neighbours; a mask is given up
 after ``max_attempts`` and reported as failed, and the search goes on.
+
+An actor that Ray is restarting gets no work until it answers again (its ``__ray_ready__``), so no
+task is charged an attempt, or timed, for another task's crash; an actor that Ray reports dead for
+good leaves the pool, and the dispatcher raises only when no actor is left.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.poll_s = poll_s
         self.resubmissions = 0
+        self._restarting: dict[Any, Any] = {}  # readiness probe -> actor that Ray is restarting
 
     def _timeout(self, task: Task) -> float:
         return self.timeout_s * max(1, len(task.masks))
@@ -58,23 +63,35 @@ class Dispatcher:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         queue: deque[Task] = deque(tasks)
-        idle = list(self.actors)
+        restarting = {id(actor) for actor in self._restarting.values()}
+        idle = [actor for actor in self.actors if id(actor) not in restarting]
         in_flight: dict[Any, tuple[Any, Task, float]] = {}
         while queue or in_flight:
             while queue and idle:
                 actor, task = idle.pop(0), queue.popleft()
                 ref = actor.evaluate.remote(task.window_set, task.masks, task.base)
                 in_flight[ref] = (actor, task, time.monotonic())
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=self.poll_s)
+            if not (in_flight or self._restarting):
+                raise RuntimeError(f"every evaluator died for good; {len(queue)} task(s) left undone. The Ray "
+                                   f"logs of the evaluator processes say why (e.g. its model no longer loads)")
+            ready, _ = ray.wait([*in_flight, *self._restarting], num_returns=1, timeout=self.poll_s)
             for ref in ready:
+                if ref in self._restarting:
+                    idle.extend(self._restarted(ref))
+                    continue
                 actor, task, _ = in_flight.pop(ref)
-                idle.append(actor)
                 try:
-                    yield Outcome(task, ray.get(ref))
+                    rows = ray.get(ref)
                 except (RayActorError, GetTimeoutError) as exc:  # the process died: Ray restarts it
+                    self._await_restart(actor)
                     yield from self._retry(queue, task, f"evaluator died: {type(exc).__name__}")
+                    continue
                 except RayTaskError as exc:  # evaluate() raised
+                    idle.append(actor)
                     yield from self._retry(queue, task, f"evaluation raised: {exc.cause!r}", split=True)
+                    continue
+                idle.append(actor)
+                yield Outcome(task, rows)
             now = time.monotonic()
             for ref, (actor, task, started) in list(in_flight.items()):
                 if now - started > self._timeout(task):
@@ -82,8 +99,29 @@ class Dispatcher:
                                 len(task.masks), self._timeout(task))
                     del in_flight[ref]
                     ray.kill(actor, no_restart=False)
-                    idle.append(actor)
+                    self._await_restart(actor)
                     yield from self._retry(queue, task, "timed out")
+
+    def _await_restart(self, actor: Any) -> None:
+        """Keep ``actor`` out of work until Ray has restarted it (its model loaded again)."""
+        self._restarting[actor.__ray_ready__.remote()] = actor
+
+    def _restarted(self, probe: Any) -> list[Any]:
+        """``[actor]`` once its readiness probe answered; ``[]`` while it restarts or if it is gone."""
+        import ray
+        from ray.exceptions import ActorDiedError, RayActorError
+
+        actor = self._restarting.pop(probe)
+        try:
+            ray.get(probe)
+        except ActorDiedError as exc:  # no restart left, or its __init__ raised: it leaves the pool
+            log.error("an evaluator died for good and leaves the pool (%d left): %s", len(self.actors) - 1, exc)
+            self.actors = [a for a in self.actors if a is not actor]
+            return []
+        except RayActorError:  # ActorUnavailableError: still restarting, ask again
+            self._await_restart(actor)
+            return []
+        return [actor]
 
     def _retry(self, queue: deque[Task], task: Task, error: str, *, split: bool = False) -> Iterator[Outcome]:
         task.attempts += 1

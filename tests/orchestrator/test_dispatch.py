@@ -14,10 +14,12 @@ pytestmark = pytest.mark.ray
 
 class FakeEvaluator:
     """Scores a mask as its length; a mask containing 'raise' raises, 'die' kills the process once
-    (per marker file), 'sleep' sleeps (also once)."""
+    (per marker file), 'sleep' sleeps (also once). A restart after 'die' is slow, like reloading a model."""
 
     def __init__(self, marker_dir: str) -> None:
         self.marker_dir = marker_dir
+        if os.path.exists(os.path.join(marker_dir, "died")):
+            time.sleep(3)
 
     def pid(self) -> int:
         return os.getpid()
@@ -79,6 +81,26 @@ def test_dead_actor_is_restarted_and_its_task_rerouted(actors):
     outcomes = _run(Dispatcher(actors, timeout_s=60), tasks)
     assert all(o.rows for o in outcomes.values())
     assert outcomes[("die",)].task.attempts == 1
+
+
+def test_no_task_is_charged_for_an_actor_that_is_restarting(actors):
+    innocent = [Task("calibration", [f"i{i}"]) for i in range(60)]  # ~3 s of work: the restart happens meanwhile
+    dispatcher = Dispatcher(actors, timeout_s=60, max_attempts=2)
+    outcomes = _run(dispatcher, [Task("calibration", ["die"]), *innocent])
+    assert all(o.rows for o in outcomes.values())
+    assert dispatcher.resubmissions == 1 and [t.attempts for t in innocent] == [0] * 60
+
+
+def test_an_actor_dead_for_good_leaves_the_pool(ray_session, actors):
+    ray_session.kill(actors[0], no_restart=True)
+    dispatcher = Dispatcher(actors, timeout_s=60)
+    outcomes = _run(dispatcher, [Task("calibration", [f"m{i}"]) for i in range(6)])
+    assert all(o.rows for o in outcomes.values()) and len(outcomes) == 6
+    assert dispatcher.actors == [actors[1]]
+
+    ray_session.kill(actors[1], no_restart=True)
+    with pytest.raises(RuntimeError, match="every evaluator died for good"):
+        _run(dispatcher, [Task("calibration", ["m"])])
 
 
 def test_hung_actor_times_out_and_the_task_is_retried(actors):
