@@ -141,9 +141,10 @@ class EvalCache:
 
     Durability contract (the promise of Optuna's journal storage, kept in tests/orchestrator):
 
-    - A part, once flushed, is never modified or deleted by the cache. Each flush writes ONE new
-      part to a dot-file, fsyncs it and renames it into place, so readers (which skip dot-files)
-      never see a partial part; a crash leaves at most a stale ``.part-*.tmp`` behind, ignored.
+    - A part, once flushed, is never modified, and deleted only by :meth:`compact`, after a part
+      holding all of its rows is on disk. Each flush writes ONE new part to a dot-file, fsyncs it
+      and renames it into place, so readers (which skip dot-files) never see a partial part; a
+      crash leaves at most a stale ``.part-*.tmp`` behind, ignored.
     - With ``flush_every=1`` (default) every row is on disk when :meth:`add` returns, so nothing
       computed is lost by a crash. ``None`` flushes only on :meth:`flush` / leaving the ``with``.
     - A part that cannot be read (torn, truncated, corrupt) never hides the others: it is moved to
@@ -279,6 +280,26 @@ class EvalCache:
         path = write_part(self.directory, self._buffer)
         self._parts.add(path.name)
         self._buffer = []
+        return path
+
+    def compact(self) -> Path | None:
+        """Merge every part this instance has read or written into one; returns it (None: nothing to do).
+
+        The merged part (one row per key: the winners, plus failures of keys without an ok row) is
+        written atomically before the merged parts are deleted, so a crash in between leaves
+        duplicates that de-duplicate to the same rows. Call it when no other process writes here
+        (a campaign holds its run directory's lock).
+        """
+        self.flush()
+        merged = [p for p in sorted(self.directory.glob(_PART_GLOB))
+                  if p.name in self._parts and not p.name.startswith(".")]
+        if len(merged) < 2:
+            return None
+        path = write_part(self.directory, self.rows(include_failed=True))
+        self._parts.add(path.name)
+        for part in merged:
+            part.unlink(missing_ok=True)
+            self._parts.discard(part.name)
         return path
 
     def close(self) -> None:

@@ -158,7 +158,7 @@ class Campaign:
             held = self.score([Mask(), final], Mask(), "evaluation", "held-out")
             heldout = {"dense_ppl": held[Mask()], "pruned_ppl": held[final]}
         finally:
-            self.cache.flush()
+            self.cache.compact()  # flushes, then merges this run's parts into one
             if actors is not None and not started:  # a shared Ray outlives us: free what we took
                 actors.shutdown()
             if started:

@@ -157,6 +157,19 @@ class TestParquetParts:
         assert self.parts(tmp_path) == [path] and path.name.startswith("part-")
         assert pq.read_table(path).num_rows == 2
 
+    def test_compact_merges_parts_without_losing_a_row(self, tmp_path):
+        cache = EvalCache(tmp_path)  # one part per row
+        for layer in range(5):
+            cache.add(make_row(layer, ppl=10.0 + layer))
+        cache.add(make_row(7, status="failed"))
+        assert len(self.parts(tmp_path)) == 6
+        merged = cache.compact()
+        assert self.parts(tmp_path) == [merged]
+        again = EvalCache(tmp_path)
+        assert {r["key"]: r["ppl"] for r in again.rows()} == {r["key"]: r["ppl"] for r in cache.rows()}
+        assert len(again) == 5 and again.get_failed(make_row(7)["key"]) is not None
+        assert again.compact() is None  # one part already
+
     def test_dot_files_are_ignored(self, tmp_path):
         """A writer that crashed before its rename leaves only a dot-file, which readers skip."""
         EvalCache(tmp_path).add(make_row(0))
