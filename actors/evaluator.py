@@ -2,6 +2,9 @@
 
 It is dumb and idempotent: the model loads in ``__init__`` (so a restarted actor is whole again),
 ``evaluate`` has no side effects, and it keeps no search state. Masks travel as canonical JSON.
+SPRINT's ``sprint_step`` receives its whole state in the request (refitted weights as arguments) and
+keeps only content-addressed memos (checkpoint streams, weights by hash) that a restart may lose;
+``latency_table`` measures this device once per model (cached on disk).
 """
 
 from __future__ import annotations
@@ -73,3 +76,40 @@ class Evaluator:
         scores = self.engine.evaluate(self.windows[window_set], parsed, None if base is None else Mask.from_json(base))
         return [{"nll_sum": s.nll_sum, "tokens": s.tokens, "seconds": s.seconds, "worker": self.worker}
                 for s in scores]
+
+    # ---- SPRINT (search state travels in the arguments; see actors/sprint.py) ---------------------
+    def sprint_step(self, request: Mapping[str, Any], *weights: Any) -> dict[str, Any]:
+        """One SPRINT step (``StepRequest.to_dict()``); ``weights``: the refitted down_proj weights
+        the request's ``tuned`` names, in its order (numpy or torch, H x w). Returns the step's result
+        with ``worker`` added (``choice.weight`` as numpy fp32)."""
+        import torch
+
+        from search_spaces.sprint import StepRequest
+
+        from .sprint import Checkpoints, run_step
+
+        req = StepRequest.from_dict(request)
+        if len(weights) != len(req.tuned):
+            raise ValueError(f"sprint_step got {len(weights)} weight tensors for {len(req.tuned)} tuned layers; "
+                             f"pass one per entry of request['tuned'], in order")
+        if not hasattr(self, "_sprint_memo"):  # memos only: content-addressed, lost on restart, no state
+            self._sprint_memo, self._sprint_weights = Checkpoints(), {}
+        for (_, sha), array in zip(req.tuned, weights):
+            if sha not in self._sprint_weights:
+                self._sprint_weights[sha] = torch.as_tensor(np.array(array, dtype=np.float32))
+        needed = {sha for _, sha in req.tuned}
+        self._sprint_weights = {k: v for k, v in self._sprint_weights.items() if k in needed}
+        result = run_step(self.engine.decoder, self.windows[req.window_set], self.engine.batch_size, req,
+                          self._sprint_weights, self._sprint_memo)
+        return {**result, "worker": self.worker}
+
+    def latency_table(self, prompt: int, generate: int = 0, repeats: int = 5) -> dict[str, Any]:
+        """This replica's latency table (``LatencyTable.to_dict()``) covering the scenario; measured
+        on this device unless cached under ``cache_dir()/latency/``."""
+        from search_spaces.latency import Scenario
+
+        from .latency import latency_table
+
+        scenario = Scenario(int(prompt), int(generate))
+        return latency_table(self.model, self.arch, self.model_fingerprint, scenario, repeats=repeats).to_dict()
+

@@ -5,6 +5,9 @@ and saves safetensors, the tokenizer, ``pruning_config.json`` and a ``config.jso
 ``rayprune`` entry records the per-layer structure. ``load_pruned`` rebuilds that structure from the
 stock class (no ``trust_remote_code``, no patched fork) on empty weights and loads the tensors into
 it, so a 70B export never materialises the dense model.
+
+SPRINT's refitted ``down_proj`` weights (``tuned``) are written in place of the originals; the
+``rayprune`` entry lists them by content hash, and ``load_pruned`` restores them with the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 from search_spaces import Arch, Mask, param_count
 from search_spaces.pruning_config import mask_to_pruning_config
@@ -24,8 +27,13 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32") -> Path:
-    """Write the compact model of ``mask`` applied to ``model`` (a preset, directory or hub id)."""
+def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
+                   tuned: Mapping[int, Any] | None = None) -> Path:
+    """Write the compact model of ``mask`` applied to ``model`` (a preset, directory or hub id).
+
+    ``tuned``: MLP layer -> refitted ``down_proj`` weight (``H x kept width``, numpy or torch, of the
+    L1-reordered model, as SPRINT produces them); ValueError for a removed layer or a wrong shape.
+    """
     from .models import load_model, load_tokenizer, resolve_model
     from .surgery import count_parameters, prune_model_, reorder_by_l1_
 
@@ -33,11 +41,14 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
     dense = load_model(source, dtype=dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
     pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
+    tuned_ids = _set_tuned_(pruned, mask, tuned or {})
     params = count_parameters(pruned)
     if params != param_count(mask, arch):
         raise RuntimeError(f"exported model has {params} parameters, the mask says {param_count(mask, arch)}")
     pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": "l1",
                               "params": params, "source": str(model)}
+    if tuned_ids:
+        pruned.config.rayprune["tuned"] = tuned_ids
     out = Path(out_dir)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
@@ -47,6 +58,27 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)
     return out
+
+
+def _set_tuned_(model: PreTrainedModel, mask: Mask, tuned: Mapping[int, Any]) -> dict[str, str]:
+    """Put refitted down_proj weights into the pruned ``model``; returns layer -> content hash."""
+    import numpy as np
+    import torch
+
+    from search_spaces.sprint import tensor_key
+
+    ids = {}
+    for layer, weight in sorted(tuned.items()):
+        if layer in mask.mlp_removed:
+            raise ValueError(f"refitted weights given for MLP {layer}, which the mask removes; drop them")
+        array = np.ascontiguousarray(np.asarray(weight.cpu() if torch.is_tensor(weight) else weight, np.float32))
+        down = model.model.layers[layer].mlp.down_proj
+        if tuple(array.shape) != tuple(down.weight.shape):
+            raise ValueError(f"refitted down_proj of layer {layer} has shape {array.shape}, the pruned layer "
+                             f"{tuple(down.weight.shape)}; they must come from the same mask")
+        down.weight = torch.nn.Parameter(torch.from_numpy(array.copy()).to(down.weight.dtype), requires_grad=False)
+        ids[str(layer)] = tensor_key(array.shape, "float32", array.tobytes())
+    return ids
 
 
 def load_pruned(path: str | os.PathLike[str], *, device_map: str | dict[str, Any] | None = None) -> PreTrainedModel:

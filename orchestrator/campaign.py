@@ -147,16 +147,25 @@ class Campaign:
                 raise RuntimeError("evaluator replicas loaded different weights; check the model path on every node")
             log.info("%d evaluator(s) ready: %s", len(actors), ", ".join(i["worker"] for i in infos))
             self.dispatcher = Dispatcher(actors, timeout_s=cluster.eval_timeout_s, max_attempts=cluster.max_attempts)
-            searcher = make_searcher(self.config.search, self.arch)
+            if self.config.search.method == "sprint":  # one remote step at a time: orchestrator/sprint_campaign.py
+                from .sprint_campaign import run_sprint
+
+                return run_sprint(self, actors, t0)  # writes the outputs; the finally below still cleans up
+            searcher = make_searcher(self.config.search, self.arch, run_dir=self.run_dir, pool_size=len(actors),
+                                     known=self.known_scores())
+            logged = 0
             while (proposal := searcher.suggest()) is not None:
                 scores = self.score(proposal.masks, proposal.base, "calibration", proposal.label)
                 searcher.observe(scores)
-                if searcher.path:
-                    s = searcher.path[-1]
-                    log.info("step %d: remove %s %d -> ppl %.3f, ratio %.4f", s.step, s.kind, s.layer, s.ppl, s.ratio)
+                for s in searcher.path[logged:]:  # steps new since the last batch
+                    what = f"Optuna trial {s.layer}" if s.kind == "trial" else f"remove {s.kind} {s.layer}"
+                    log.info("step %d: %s -> ppl %.3f, ratio %.4f", s.step, what, s.ppl, s.ratio)
+                logged = len(searcher.path)
             final = searcher.current
-            held = self.score([Mask(), final], Mask(), "evaluation", "held-out")
-            heldout = {"dense_ppl": held[Mask()], "pruned_ppl": held[final]}
+            references = getattr(searcher, "references", dict)()  # e.g. Optuna's greedy mask, for comparison
+            held = self.score([Mask(), final, *references.values()], Mask(), "evaluation", "held-out")
+            heldout = {"dense_ppl": held[Mask()], "pruned_ppl": held[final],
+                       **{f"{name}_ppl": held[mask] for name, mask in references.items()}}
         finally:
             self.cache.compact()  # flushes, then merges this run's parts into one
             if actors is not None and not started:  # a shared Ray outlives us: free what we took
@@ -205,6 +214,12 @@ class Campaign:
                          f"; FAILED: {outcome.error}" if outcome.error else "")
         bar.close()
         return scores
+
+    def known_scores(self) -> dict[Mask, float]:
+        """Calibration perplexity of every mask the cache holds for this model and these windows."""
+        fingerprints = (self.model_fingerprint, self.fingerprints["calibration"])
+        return {Mask.from_json(r["mask_json"]): r["ppl"] for r in self.cache.rows()
+                if (r["model_fp"], r["calibration_fp"]) == fingerprints}
 
     def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str) -> list[Task]:
         """Chunks of masks of similar cost, masks ordered by where they leave the base."""
@@ -258,12 +273,15 @@ class Campaign:
             "seconds": result.wall_seconds,
             "arch": dataclasses.asdict(self.arch),  # dense widths, for the report's mask picture
         }
+        path.update(result.extra.get("path", {}))  # method-specific figures (SPRINT: speedup, latency table)
         write_json(self.run_dir / "path.json", path)
         write_json(self.run_dir / "pruning_config.json", mask_to_pruning_config(searcher.current, self.arch))
+        if hasattr(searcher, "summary"):  # what a whole-mask search found (Optuna: every trial)
+            write_json(self.run_dir / "search.json", searcher.summary())
         if self.config.export:
             from actors.export import export_compact
 
-            export_compact(self.config.model, searcher.current, self.run_dir / "model")
+            export_compact(self.config.model, searcher.current, self.run_dir / "model", **result.extra.get("export", {}))
             log.info("compact model written to %s", self.run_dir / "model")
         write_report(self.run_dir)
 

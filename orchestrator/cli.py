@@ -48,6 +48,10 @@ def _report(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate, format_result, load_target
 
+    if args.tasks:
+        from actors.zeroshot import check_tasks
+
+        check_tasks(args.tasks)  # before minutes of model loading
     result = evaluate(load_target(args.model_or_run), corpus=args.corpus, sequences=args.sequences,
                       length=args.length, seed=args.seed, tasks=args.tasks or (), batch_size=args.batch_size,
                       limit=args.limit)
@@ -101,6 +105,18 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from actors.models import read_model_config
+
+    from .config import load_config
+    from .tune import run_tune
+
+    config = load_config(args.config, args.overrides, check_model=read_model_config)
+    run_tune(config, trials=args.trials, seed=args.seed)
+    print((Path(config.output) / "tune_report.md").read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rayprune", description="Structured pruning of LLMs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -126,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sequences", type=int, help="held-out windows (default: the run's, else 16)")
     ev.add_argument("--length", type=int, help="tokens per window (default: the run's, else 256)")
     ev.add_argument("--seed", type=int, help="window seed (default: the run's, else 1234)")
-    ev.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ev.add_argument("--batch-size", type=int, default=4, help="held-out windows (and zero-shot requests) per forward pass")
     ev.add_argument("--tasks", nargs="+", metavar="FILE_OR_NAME",
                     help="zero-shot lm_eval tasks: local task YAML files or registered names (needs rayprune[eval])")
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
@@ -144,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tokens", type=int, help="calibration tokens (default: sequences x length of the config)")
     plan.add_argument("--as-model", help="plan for a reference architecture instead (llama2-7b, llama2-13b, llama2-70b)")
     plan.set_defaults(func=_plan)
+
+    tune = sub.add_parser("tune", help="Ray Tune + Optuna over a greedy campaign's order, split, groups, calibration",
+                          description="Runs --trials greedy (MultiPruner-style) campaigns to the config's target, "
+                                      "each with its own stage order, budget split, MLP group size and calibration "
+                                      "size, one at a time on one evaluator pool and one cache; writes "
+                                      "tune_results.csv, tune_report.md and best.yaml to the config's output.")
+    tune.add_argument("config")
+    tune.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    tune.add_argument("--trials", type=int, default=8, help="campaigns to run (default 8)")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the Optuna sampler")
+    tune.set_defaults(func=_tune)
 
     inspect = sub.add_parser("inspect", help="architecture and parameter counts from config.json alone")
     inspect.add_argument("model", help="a preset, a local Hugging Face directory, or a hub id")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 #: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
 METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna")
-IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner", "multipruner")
+IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "optuna", "sprint")
 
 
 class ConfigError(ValueError):
@@ -72,17 +72,41 @@ class DataConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SprintConfig:
+    """SPRINT settings (``search.method: sprint``); the latency scenario is prefill + decode, batch 1."""
+
+    top_k: int = 5  # candidates per step whose next MLP's down_proj is refitted and re-scored
+    ridge: float = 2048.0  # refit's pull towards the current weights, worth about this many tokens; 0: plain LS
+    checkpoint_every: int | None = None  # layers between activation checkpoints; None: num_layers // 4
+    latency_prompt: int = 512  # latency = prefill of this many tokens ...
+    latency_generate: int = 0  # ... + this many decoded tokens
+    latency_repeats: int = 5  # timing rounds per measurement (median)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     """What to search for and how. The search stops at ``target_ratio`` or after ``max_steps``."""
 
     method: str = "blockpruner"  # see METHODS / IMPLEMENTED_METHODS
-    target_ratio: float  # removed / dense parameters, strictly inside (0, 1)
+    target_ratio: float | None = None  # removed / dense parameters, strictly inside (0, 1); required but for sprint
     max_steps: int | None = None  # None: no cap on greedy steps
     batch_size: int = 4  # calibration sequences per forward pass
     # MultiPruner (None: the model family's default, see search_spaces.budget.family_defaults)
     split: tuple[float, float, float] | None = None  # budget shares of blocks : MLP width : heads
     mlp_group: int | None = None  # MLP channels removed per width step
     head_group: int | None = None  # head units (KV groups under GQA) removed per head step
+    order: tuple[str, ...] | None = None  # MultiPruner's stage order, e.g. [mlp, blocks, heads]; None: blocks, mlp, heads
+    # Optuna: a study proposes whole masks with target_ratio <= ratio <= target_ratio + ratio_tolerance
+    trials: int = 100  # masks the sampler proposes (repeats of a scored mask are free and not counted)
+    batch: int | None = None  # trials asked per batch; None: two per evaluator
+    sampler: str = "tpe"  # tpe | nsga2 (two objectives: perplexity and ratio)
+    seed: int = 0
+    ratio_tolerance: float | None = None  # None: the largest block's share (BlockPruner's largest overshoot)
+    widths: bool = False  # also per-layer widths: head units by head_group, MLP channels by mlp_group
+    warm_start: str = "blockpruner"  # blockpruner: its mask is the first trial | none
+    # SPRINT: stops at target_ratio or target_speedup (estimated from the measured latency table), whichever first
+    target_speedup: float | None = None  # dense latency / pruned latency, > 1 (sprint only)
+    sprint: SprintConfig = field(default_factory=SprintConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +237,38 @@ def _model_problems(model: str, check_model: Callable[[str], dict]) -> tuple[lis
                 f"use a Llama, Mistral or Qwen2 checkpoint"], None
 
 
+def _optuna_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
+    """Optuna settings against the model: a ratio band the repair can always meet."""
+    from search_spaces.budget import family_defaults
+    from search_spaces.mask_space import check_optuna
+
+    if "search.target_ratio" not in valid:
+        return []
+    return check_optuna(arch, valid["search.target_ratio"], valid.get("search.ratio_tolerance"),
+                        widths=bool(valid.get("search.widths")),
+                        mlp_group=valid.get("search.mlp_group") or family_defaults(arch).mlp_group,
+                        head_group=valid.get("search.head_group") or 1,
+                        warm_start=valid.get("search.warm_start", "blockpruner"))
+
+
+def _target_problems(valid: dict[str, Any]) -> list[str]:
+    """A stopping point: target_ratio (every method) or target_speedup (sprint only).
+
+    A missing target_ratio is taken out of ``valid`` so that later checks see it as absent.
+    """
+    method, speedup = valid.get("search.method"), valid.get("search.target_speedup")
+    if method is not None and method != "sprint" and speedup is not None:
+        return [f"search.target_speedup {speedup!r}: only search.method=sprint estimates latency; remove it, "
+                f"or use search.method=sprint"]
+    if "search.target_ratio" not in valid or valid["search.target_ratio"] is not None:
+        return []  # given (or given wrong: reported already)
+    valid.pop("search.target_ratio")
+    if method == "sprint" and speedup is not None or "search.target_speedup" not in valid:
+        return []  # a speedup target, or a wrong one that is reported already
+    fix = " or search.target_speedup=1.3 (sprint stops at either)" if method == "sprint" else ""
+    return [f"search.target_ratio: missing; it is required, set it in the YAML or as search.target_ratio=0.1{fix}"]
+
+
 def _multipruner_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
     """MultiPruner settings against the model: group sizes that divide, a split that sums to 1."""
     from search_spaces.budget import check_multipruner, family_defaults
@@ -290,11 +346,14 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
     valid: dict[str, Any] = {}
     config = _build(_SCHEMA, raw, "", None, problems, valid)
+    problems.extend(_target_problems(valid))
     if "model" in valid and check_model is not None:
         model_problems, arch = _model_problems(valid["model"], check_model)
         problems.extend(model_problems)
         if arch is not None and valid.get("search.method") == "multipruner":
             problems.extend(_multipruner_problems(valid, arch))
+        if arch is not None and valid.get("search.method") == "optuna":
+            problems.extend(_optuna_problems(valid, arch))
     output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
     if output is not None and (problem := _output_problem(output)):
         problems.append(problem)

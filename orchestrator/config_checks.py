@@ -14,7 +14,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, SearchConfig, WindowsConfig
+from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, SearchConfig, SprintConfig,
+                     WindowsConfig)
 
 
 # ---- leaf checks: return the clean value or raise _Bad(reason; fix) -----------------------------
@@ -143,6 +144,42 @@ def _method(value: Any, path: str) -> str:
     return value
 
 
+def _one_of(options: tuple[str, ...]) -> Check:
+    def check(value: Any, path: str) -> str:
+        if value not in options:
+            raise _Bad(f"is not one of {', '.join(options)}; use e.g. {path}={options[0]}")
+        return value
+
+    return check
+
+
+#: MultiPruner's stages, by the names ``search.order`` uses.
+STAGES: tuple[str, ...] = ("blocks", "mlp", "heads")
+
+
+def _order(value: Any, path: str) -> tuple[str, ...] | None:
+    """``[mlp, blocks, heads]``, ``mlp,blocks,heads`` or null: every stage exactly once."""
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
+    if not isinstance(parts, (list, tuple)) or sorted(map(str, parts)) != sorted(STAGES):
+        raise _Bad(f"must name each of {', '.join(STAGES)} once; use e.g. {path}=blocks,mlp,heads")
+    return tuple(str(p) for p in parts)
+
+
+def _optional_fraction(value: Any, path: str) -> float | None:
+    return None if value is None else _fraction(value, path)
+
+
+def _optional_speedup(value: Any, path: str) -> float | None:
+    if value is None:
+        return None
+    number = _number(value, path, "1.3")
+    if not number > 1.0:
+        raise _Bad(f"is not above 1 (dense latency / pruned latency); use e.g. {path}=1.3")
+    return number
+
+
 def _windows_file(value: Any, path: str) -> str | None:
     if value is None:
         return None
@@ -176,12 +213,29 @@ _SCHEMA: Section = (Config, {
     }),
     "search": (SearchConfig, {
         "method": _method,
-        "target_ratio": _fraction,
+        "target_ratio": _optional_fraction,
         "max_steps": _int(1, 10, optional=True),
         "batch_size": _int(1, 4),
         "split": _split,
         "mlp_group": _int(1, 256, optional=True),
         "head_group": _int(1, 1, optional=True),
+        "order": _order,
+        "trials": _int(1, 100),
+        "batch": _int(1, 4, optional=True),
+        "sampler": _one_of(("tpe", "nsga2")),
+        "seed": _int(0, 0),
+        "ratio_tolerance": _optional_fraction,
+        "widths": _bool,
+        "warm_start": _one_of(("blockpruner", "none")),
+        "target_speedup": _optional_speedup,
+        "sprint": (SprintConfig, {
+            "top_k": _int(1, 5),
+            "ridge": _float(0.0, "0.1", strict=False),
+            "checkpoint_every": _int(1, 7, optional=True),
+            "latency_prompt": _int(1, 512),
+            "latency_generate": _int(0, 0),
+            "latency_repeats": _int(1, 5),
+        }),
     }),
     "cluster": (ClusterConfig, {
         "actors": _actors,

@@ -18,6 +18,7 @@ _KIND_STYLE = {
     "mlp": ("s", "tab:orange", "MLP removed"),
     "attn_width": ("v", "tab:green", "heads narrowed"),
     "mlp_width": ("D", "tab:red", "MLP narrowed"),
+    "trial": ("*", "tab:purple", "Optuna trial (whole mask)"),
 }
 #: Beyond this many steps the curve carries no per-point labels (they would only overlap).
 MAX_LABELLED_STEPS = 40
@@ -34,6 +35,8 @@ def _pyplot():
 
 def _point_label(step: dict[str, Any]) -> str:
     """Short label of a step on the curve: the layer, and the width kept after a width step."""
+    if step["kind"] == "trial":
+        return f"trial {step['layer']}"
     if step.get("width") is not None:
         return f"{step['layer']}\u2192{step['width']}"
     return str(step["layer"])
@@ -116,6 +119,65 @@ def write_mask(mask: Mask, arch: Arch, out: Path, *, title: str = "") -> None:
     bar.set_label("fraction kept", fontsize=8)
     bar.ax.tick_params(labelsize=7)
     ax.set_title(title or "kept structure (\u00d7 removed; numbers: width kept)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (ratio, ppl) points no other point beats: higher ratio and lower perplexity.
+
+    A point is on the front when no other has ratio >= and ppl <= with one of them strict; equal
+    points are both kept. Returned in order of increasing ratio.
+    """
+    order = sorted(range(len(points)), key=lambda i: (-points[i][0], points[i][1]))
+    front, best_ppl = [], float("inf")
+    for i in order:  # by decreasing ratio: on the front iff cheaper than everything that removes more
+        ppl_i = points[i][1]
+        if ppl_i < best_ppl or (front and points[front[-1]] == points[i]):
+            front.append(i)
+            best_ppl = min(best_ppl, ppl_i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def write_pareto(search: dict[str, Any], out: Path) -> None:
+    """Calibration perplexity against ratio for every completed trial of an Optuna study.
+
+    The front (nothing removes more at a lower perplexity) is highlighted, the ratio band shaded,
+    BlockPruner's mask (the warm start) and the best trial marked.
+    """
+    plt = _pyplot()
+    done = [p for p in search["points"] if p["ppl"] is not None and p["ppl"] == p["ppl"]]
+    points = [p for p in done if p["origin"] != "repeat"]  # a repeat is a mask already plotted
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=130)
+    low, high = search["band"]
+    ax.axvspan(low, high, color="0.93", zorder=0, label="ratio band")
+    for origin, colour, legend in (("sampler", "tab:blue", "sampled"), ("cache", "0.55", "from the cache")):
+        mine = [p for p in points if p["origin"] == origin]
+        if mine:
+            ax.scatter([p["ratio"] for p in mine], [p["ppl"] for p in mine], s=10, color=colour, alpha=0.6,
+                       zorder=2, label=legend)
+    front = [points[i] for i in pareto_front([(p["ratio"], p["ppl"]) for p in points])]
+    if front:
+        ax.step([p["ratio"] for p in front], [p["ppl"] for p in front], where="post", color="tab:red", lw=1.2,
+                zorder=3)
+        ax.scatter([p["ratio"] for p in front], [p["ppl"] for p in front], s=22, color="tab:red", zorder=4,
+                   label=f"front ({len(front)})")
+    if search.get("blockpruner"):
+        ax.scatter([search["blockpruner"]["ratio"]], [search["blockpruner"]["ppl"]], marker="*", s=110,
+                   color="tab:orange", zorder=5, label="BlockPruner (first trial)")
+    if search.get("best"):
+        ax.scatter([search["best"]["ratio"]], [search["best"]["ppl"]], marker="D", s=110, facecolors="none",
+                   edgecolors="black", linewidths=1.2, zorder=6, label="best trial")
+    ppls = [p["ppl"] for p in points]
+    if ppls and max(ppls) > 10 * min(ppls):  # random early trials can be orders of magnitude worse
+        ax.set_yscale("log")
+    ax.set_xlabel("removed parameter ratio")
+    ax.set_ylabel("calibration perplexity")
+    ax.set_title(f"Optuna ({search['sampler']}): {len(done)} completed trials, {len(points)} distinct masks",
+                 fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", frameon=False)
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

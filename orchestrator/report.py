@@ -24,6 +24,8 @@ def step_label(step: dict) -> str:
         return f"mlp {step['layer']} -> {step['width']} ch"
     if step["kind"] == "attn_width":
         return f"heads {step['layer']} -> {step['width']} units"
+    if step["kind"] == "trial":
+        return f"Optuna trial {step['layer']} (whole mask)"
     return f"{step['kind']} {step['layer']}"
 
 
@@ -174,6 +176,9 @@ def write_report(run_dir: Path) -> Path:
         write_mask(mask, arch, run_dir / "mask.png",
                    title=f"kept structure at ratio {final:.2%} (\u00d7 removed; numbers: width kept)")
         lines += ["![kept structure per layer](mask.png)", ""]
+    from .report_search import search_section
+
+    lines += search_section(run_dir, path)
     cost = _cost_lines(path)
     if cost:
         lines += ["## Time and evaluations", ""] + cost

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 from .base import Proposal, Searcher, Step
 from .blockpruner import BlockPrunerSearcher
@@ -10,13 +11,19 @@ from .greedy import GreedySearcher
 from .multipruner import MultiPrunerSearcher
 
 if TYPE_CHECKING:
-    from search_spaces import Arch
+    from search_spaces import Arch, Mask
 
     from ..config import SearchConfig
 
 
-def make_searcher(search: SearchConfig, arch: Arch) -> Searcher:
-    """The searcher a config asks for (the config has already checked the method name)."""
+def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
+                  known: Mapping[Mask, float] | None = None) -> Searcher:
+    """The searcher a config asks for (the config has already checked the method name).
+
+    ``run_dir`` holds a searcher's own state (Optuna's study journal; None: in memory),
+    ``pool_size`` is the number of evaluators a batch should fill, ``known`` the calibration
+    perplexities already in the cache (a study is warm-started from them).
+    """
     if search.method == "blockpruner":
         return BlockPrunerSearcher(arch, search.target_ratio, search.max_steps)
     if search.method == "multipruner":
@@ -25,7 +32,17 @@ def make_searcher(search: SearchConfig, arch: Arch) -> Searcher:
         defaults = family_defaults(arch)
         return MultiPrunerSearcher(arch, search.target_ratio, search.split or defaults.split,
                                    search.mlp_group or defaults.mlp_group, search.head_group or defaults.head_group,
-                                   search.max_steps)
+                                   search.max_steps, order=search.order)
+    if search.method == "optuna":
+        from search_spaces.budget import family_defaults
+
+        from .optuna_search import OptunaSearcher
+
+        return OptunaSearcher(arch, search.target_ratio, trials=search.trials, batch=search.batch or 2 * pool_size,
+                              sampler=search.sampler, seed=search.seed, ratio_tolerance=search.ratio_tolerance,
+                              widths=search.widths, mlp_group=search.mlp_group or family_defaults(arch).mlp_group,
+                              head_group=search.head_group or 1, warm_start=search.warm_start,
+                              storage=None if run_dir is None else Path(run_dir) / "optuna.journal", known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 

@@ -16,7 +16,8 @@ from typing import Any, Literal, Mapping
 
 from search_spaces import Mask
 
-StepKind = Literal["attn", "mlp", "attn_width", "mlp_width"]
+#: ``trial``: a whole mask proposed by a sampler (Optuna); its ``layer`` holds the trial number.
+StepKind = Literal["attn", "mlp", "attn_width", "mlp_width", "trial"]
 
 
 @dataclass(frozen=True)

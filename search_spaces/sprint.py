@@ -1,0 +1,139 @@
+"""SPRINT's pure arithmetic: comparison points, checkpoints, what to re-score, step requests.
+
+Pure Python, shared by the searcher (``orchestrator.search.sprint``, which decides) and the actor
+(``actors.sprint``, which computes). Terms:
+
+- the *target* of candidate block ``s`` in the current model is the next remaining MLP block after
+  it (the last block when none is left): its local sensitivity compares the stream after the target
+  with ``s`` kept and with ``s`` skipped;
+- *checkpoints* are the streams entering every ``every``-th layer (default ``L // 4``), cached by the
+  actor per model state so that a step can start its walk at the last checkpoint before the change;
+- a *state* is a mask plus the refitted ``down_proj`` weights of some MLP layers (by content hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .latency import BlockCosts, rank_candidates
+from .mask import Block, Mask
+
+Tuned = tuple[tuple[int, str], ...]  # (MLP layer, sha256 of its refitted down_proj), sorted by layer
+
+
+def target_block(mask: Mask, num_layers: int, index: int) -> int:
+    """The block after which candidate ``index`` is compared: the next present MLP block after it,
+    else the last block of the model (whose output is the final stream)."""
+    for j in range(index + 1, 2 * num_layers):
+        if j % 2 == 1 and not mask.removed(Block.from_index(j)):
+            return j
+    return 2 * num_layers - 1
+
+
+def present_blocks(mask: Mask, num_layers: int) -> list[int]:
+    return [i for i in range(2 * num_layers) if not mask.removed(Block.from_index(i))]
+
+
+def checkpoint_blocks(num_layers: int, every: int | None = None) -> tuple[int, ...]:
+    """Block indices whose entering stream is a checkpoint: layers 0, every, 2*every, ..."""
+    every = every or max(1, num_layers // 4)
+    if every < 1:
+        raise ValueError(f"checkpoint interval {every} is not a positive number of layers; use e.g. {num_layers // 4}")
+    return tuple(2 * layer for layer in range(0, num_layers, every))
+
+
+def checkpoint_before(index: int, checkpoints: tuple[int, ...]) -> int:
+    """The last checkpoint at or before block ``index`` (block 0 always is one)."""
+    return max((c for c in checkpoints if c <= index), default=0)
+
+
+def rescore_after(mask: Mask, num_layers: int, pruned: int) -> list[int]:
+    """Candidates of ``mask`` (the model after removing block ``pruned``) whose sensitivity changed.
+
+    A candidate ``s`` depends on the stream entering it and on blocks ``s..target(s)``. Removing
+    ``pruned`` (and refitting the MLP after it) changes nothing before ``pruned``, so exactly the
+    candidates whose window reaches ``pruned`` change: ``target(s) >= pruned``. That is every block
+    after ``pruned`` and the few just before it; all others keep their score (exact reuse).
+    """
+    return [s for s in present_blocks(mask, num_layers) if target_block(mask, num_layers, s) >= pruned]
+
+
+def tuned_items(tuned: Mapping[int, str] | Tuned, mask: Mask) -> Tuned:
+    """Canonical tuned weights: sorted, only for MLP layers that ``mask`` keeps."""
+    items = tuned.items() if isinstance(tuned, Mapping) else tuned
+    return tuple(sorted((int(l), str(h)) for l, h in items if int(l) not in mask.mlp_removed))
+
+
+def tuned_fingerprint(tuned: Tuned) -> str:
+    """Suffix for a model fingerprint: '' without refitted weights, else '+tuned:<sha256>'."""
+    if not tuned:
+        return ""
+    return "+tuned:" + hashlib.sha256(json.dumps([list(t) for t in tuned]).encode()).hexdigest()
+
+
+def state_key(mask: Mask, tuned: Tuned) -> str:
+    """Content key of a model state (mask + refitted weights), for the actor's checkpoint memo."""
+    return hashlib.sha256((mask.to_json() + tuned_fingerprint(tuned_items(tuned, mask))).encode()).hexdigest()
+
+
+def tensor_key(shape: tuple[int, ...], dtype: str, data: bytes) -> str:
+    """sha256 of a tensor's dtype, shape and raw bytes: the content hash of refitted weights."""
+    digest = hashlib.sha256(json.dumps([dtype, list(shape)]).encode())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def top_candidates(sensitivity: Mapping[int, float], costs: BlockCosts, k: int) -> list[int]:
+    """The ``k`` candidates to tune: lowest importance (sensitivity / latency saved) first."""
+    return rank_candidates(sensitivity, costs)[:k]
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Everything one SPRINT step needs from an actor; the actor keeps nothing of it.
+
+    The actor scores ``candidates`` (local sensitivity), ranks them together with ``known`` (scores
+    reused from earlier steps), refits the MLP after each of the ``top_k`` best and re-scores them,
+    and returns the best tuned candidate with its refitted weights. ``parent``/``unchanged_before``
+    are hints for the actor's checkpoint memo (blocks before ``unchanged_before`` run identically in
+    the parent state); results never depend on them. ``top_k = 0`` and no candidates: only the
+    summed NLL of the state on ``window_set``.
+    """
+
+    window_set: str
+    mask: Mask
+    tuned: Tuned = ()
+    candidates: tuple[int, ...] = ()
+    known: tuple[tuple[int, float], ...] = ()
+    costs: BlockCosts = field(default_factory=lambda: BlockCosts(0.0, 1.0, 1.0))
+    top_k: int = 5
+    ridge: float = 0.0
+    checkpoint_every: int | None = None
+    parent: str | None = None
+    unchanged_before: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"window_set": self.window_set, "mask": self.mask.to_dict(), "tuned": [list(t) for t in self.tuned],
+                "candidates": list(self.candidates), "known": [list(k) for k in self.known],
+                "costs": {"fixed": self.costs.fixed, "attn": self.costs.attn, "mlp": self.costs.mlp},
+                "top_k": self.top_k, "ridge": self.ridge, "checkpoint_every": self.checkpoint_every,
+                "parent": self.parent, "unchanged_before": self.unchanged_before}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StepRequest:
+        c = data["costs"]
+        return cls(data["window_set"], Mask.from_dict(data["mask"]), tuple((int(l), str(h)) for l, h in data["tuned"]),
+                   tuple(int(i) for i in data["candidates"]), tuple((int(i), float(s)) for i, s in data["known"]),
+                   BlockCosts(float(c["fixed"]), float(c["attn"]), float(c["mlp"])), int(data["top_k"]),
+                   float(data["ridge"]), data.get("checkpoint_every"), data.get("parent"),
+                   int(data.get("unchanged_before", 0)))
+
+    def key(self, model_fingerprint: str, windows_fingerprint: str) -> str:
+        """Content key of the step's result: the request without the memo hints, on this model and data."""
+        body = {k: v for k, v in self.to_dict().items() if k not in ("parent", "unchanged_before")}
+        payload = json.dumps({"request": body, "model": model_fingerprint, "windows": windows_fingerprint},
+                             sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(payload.encode()).hexdigest()
