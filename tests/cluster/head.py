@@ -38,20 +38,27 @@ class LocalHead:
     def dashboard_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def start(self) -> LocalHead:
+    def start(self, attempts: int = 3) -> LocalHead:
+        """Start the head; a port taken between picking it and binding it costs a retry, not a failure."""
+        for attempt in range(attempts):
+            done = self._ray_start()
+            if done.returncode == 0:
+                self._wait_for_dashboard()
+                return self
+            self.stop()
+            self.gcs_port, self.dashboard_port = free_port(), free_port()
+        raise RuntimeError(f"ray start failed {attempts} times; last stderr:\n{done.stderr[-3000:]}")
+
+    def _ray_start(self) -> subprocess.CompletedProcess:
         ray = str(Path(sys.executable).with_name("ray"))
-        low = free_port()
         cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
                f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-               f"--object-manager-port={free_port()}", f"--min-worker-port={low}", f"--max-worker-port={low + 200}",
-               "--object-store-memory=200000000", "--disable-usage-stats"]
-        subprocess.run(cmd, check=True, env=self.env, capture_output=True, timeout=120)
-        self._wait_for_dashboard()
-        return self
+               f"--object-manager-port={free_port()}", "--object-store-memory=200000000", "--disable-usage-stats"]
+        return subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
 
     def _wait_for_dashboard(self, timeout: float = 60) -> None:
         import urllib.request
