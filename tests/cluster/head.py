@@ -7,6 +7,7 @@ command line), never with ``ray stop``, which would kill every Ray on the machin
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -50,6 +51,7 @@ class LocalHead:
         raise RuntimeError(f"ray start failed {attempts} times; last stderr:\n{done.stderr[-3000:]}")
 
     def _ray_start(self) -> subprocess.CompletedProcess:
+        self.temp_dir.mkdir(exist_ok=True)  # stop() removes it: a retry starts clean
         ray = str(Path(sys.executable).with_name("ray"))
         cmd = [ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={self.gcs_port}",
                f"--num-cpus={self.num_cpus}", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
@@ -98,3 +100,4 @@ class LocalHead:
                 time.sleep(0.3)
             if not self.pids():
                 break
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
