@@ -83,9 +83,11 @@ class LocalHead:
                 line = " ".join(proc.info["cmdline"] or ())
                 if any(mark in line for mark in marks) and proc.info["pid"] != os.getpid():
                     mine.append(proc.info["pid"])
+                    # Agents and workers rename themselves (ray::DashboardAgent): take the children too.
+                    mine += [child.pid for child in proc.children(recursive=True)]
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        return mine
+        return sorted(set(mine))
 
     def stop(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):
