@@ -32,6 +32,7 @@ from search_spaces import Mask, mask_key, param_count, ratio
 from search_spaces.latency import LatencyTable, Scenario, check_costs, mask_latency
 from search_spaces.sprint import StepRequest, Tuned, tensor_key, tuned_fingerprint
 
+from .search import make_searcher
 from .search.sprint import SprintSearcher
 
 if TYPE_CHECKING:
@@ -118,11 +119,9 @@ class SprintRun:
         return table, scenario
 
     def searcher(self, table: LatencyTable, scenario: Scenario) -> SprintSearcher:
-        search = self.config.search
-        return SprintSearcher(self.arch, table.scenario_costs(scenario), target_ratio=search.target_ratio,
-                              target_speedup=search.target_speedup, max_steps=search.max_steps,
-                              top_k=search.sprint.top_k, ridge=search.sprint.ridge,
-                              checkpoint_every=search.sprint.checkpoint_every)
+        searcher = make_searcher(self.config.search, self.arch, costs=table.scenario_costs(scenario))
+        assert isinstance(searcher, SprintSearcher)
+        return searcher
 
     def _fingerprint(self, tuned: Tuned) -> str:
         return self.campaign.model_fingerprint + tuned_fingerprint(tuned)
@@ -262,6 +261,15 @@ def export_step(run_dir: str | os.PathLike[str], step: int, out_dir: str | os.Pa
     if not 0 <= step <= len(path["steps"]):
         raise ValueError(f"step {step} is not on the path of {run_dir} (0..{len(path['steps'])}); pick one of those")
     entry = path["steps"][step - 1] if step else {"mask": Mask().to_dict(), "tuned_weights": {}}
+    return export_compact(run_config(run_dir)["model"], Mask.from_dict(entry["mask"]), out_dir,
+                          tuned=step_weights(run_dir, entry))
+
+
+def step_weights(run_dir: str | os.PathLike[str], entry: Mapping[str, Any]) -> dict[int, np.ndarray]:
+    """MLP layer -> refitted ``down_proj`` of the model after a path step (``path.json`` entry);
+    empty for steps without refits and for the other methods' paths."""
+    names = entry.get("tuned_weights") or {}
+    if not names:
+        return {}
     store = StepStore(run_dir)
-    tuned = {int(layer): store.load_weight(sha) for layer, sha in entry.get("tuned_weights", {}).items()}
-    return export_compact(run_config(run_dir)["model"], Mask.from_dict(entry["mask"]), out_dir, tuned=tuned)
+    return {int(layer): store.load_weight(sha) for layer, sha in names.items()}

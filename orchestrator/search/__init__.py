@@ -12,17 +12,19 @@ from .multipruner import MultiPrunerSearcher
 
 if TYPE_CHECKING:
     from search_spaces import Arch, Mask
+    from search_spaces.latency import BlockCosts
 
     from ..config import SearchConfig
 
 
 def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
-                  known: Mapping[Mask, float] | None = None) -> Searcher:
+                  known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
     """The searcher a config asks for (the config has already checked the method name).
 
     ``run_dir`` holds a searcher's own state (Optuna's study journal; None: in memory),
     ``pool_size`` is the number of evaluators a batch should fill, ``known`` the calibration
-    perplexities already in the cache (a study is warm-started from them).
+    perplexities already in the cache (a study is warm-started from them), ``costs`` the per-block
+    latency that an evaluator measured (SPRINT ranks by it; the other methods ignore it).
     """
     if search.method == "blockpruner":
         return BlockPrunerSearcher(arch, search.target_ratio, search.max_steps)
@@ -43,6 +45,16 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
                               widths=search.widths, mlp_group=search.mlp_group or family_defaults(arch).mlp_group,
                               head_group=search.head_group or 1, warm_start=search.warm_start,
                               storage=None if run_dir is None else Path(run_dir) / "optuna.journal", known=known)
+    if search.method == "sprint":
+        from .sprint import SprintSearcher
+
+        if costs is None:
+            raise ValueError("SPRINT ranks blocks by the latency they save: pass costs=LatencyTable.scenario_costs(...) "
+                             "measured by an evaluator (Evaluator.latency_table)")
+        s = search.sprint
+        return SprintSearcher(arch, costs, target_ratio=search.target_ratio, target_speedup=search.target_speedup,
+                              max_steps=search.max_steps, top_k=s.top_k, ridge=s.ridge,
+                              checkpoint_every=s.checkpoint_every)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 

@@ -4,14 +4,16 @@ The contract of :class:`orchestrator.search.base.Searcher`: ``suggest`` and ``ob
 ``observe`` gets a score for every mask of the proposal; after ``suggest`` returns None the search
 is over and ``path`` is final; the searcher is deterministic given the scores. Here on top: the
 path is consistent (numbered steps, the ratio and parameters of each step's mask, the score it was
-told) and the search reaches the target. SPRINT's searcher joins when it exists and builds from a
-plain search config.
+told) and the search reaches the target.
+
+SPRINT's ``observe`` also takes the actor's step result (``observe(scores, step=...)``): here that
+result comes from :func:`sprint_step`, which derives sensitivities and refits from the same score
+function in the shape ``Evaluator.sprint_step`` returns them.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
+import hashlib
 import math
 import warnings
 
@@ -19,7 +21,9 @@ import pytest
 
 from orchestrator.config import IMPLEMENTED_METHODS, SearchConfig
 from orchestrator.search import make_searcher
-from search_spaces import Mask, param_count, ratio
+from search_spaces import Block, Mask, param_count, ratio
+from search_spaces.latency import BlockCosts, best_candidate
+from search_spaces.sprint import StepRequest, state_key, target_block, top_candidates
 from tests.tiny import tiny_arch
 
 TARGET = 0.3
@@ -31,29 +35,18 @@ SETTINGS = {
                      "mlp_group": 16},
     "sprint": {},
 }
+COSTS = BlockCosts(fixed=0.2, attn=0.1, mlp=0.25)  # SPRINT's latency table (seconds per block)
+METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint")
 
 
-def _methods() -> list:
-    params = [pytest.param(m, id=m) for m in ("blockpruner", "multipruner", "optuna", "optuna-nsga2")]
-    present = importlib.util.find_spec("orchestrator.search.sprint") is not None and "sprint" in IMPLEMENTED_METHODS
-    params.append(pytest.param("sprint", id="sprint", marks=() if present else pytest.mark.skip(
-        reason="SPRINT's searcher is not in orchestrator/search/ yet")))
-    return params
+def test_every_implemented_method_is_in_the_contract():
+    assert set(IMPLEMENTED_METHODS) <= {m.split("-")[0] for m in METHODS}
 
 
 def build(name: str):
     method = name.split("-")[0]
     search = SearchConfig(method=method, target_ratio=TARGET, **SETTINGS[name])
-    try:
-        searcher = make_searcher(search, tiny_arch("llama"))
-    except (TypeError, ValueError) as exc:  # a searcher that needs more than a search config (e.g. a device)
-        if method == "sprint":
-            pytest.skip(f"SPRINT's searcher does not build from a plain search config: {exc}")
-        raise
-    if len(inspect.signature(searcher.observe).parameters) > 1:
-        pytest.skip(f"{type(searcher).__name__}.observe takes more than the scores (an actor's step result); "
-                    f"this contract drives searchers with scores alone")
-    return searcher
+    return make_searcher(search, tiny_arch("llama"), costs=COSTS)
 
 
 def score(mask: Mask) -> float:
@@ -64,6 +57,26 @@ def score(mask: Mask) -> float:
             + sum(0.5 / w for _, w in mask.head_units) + sum(8.0 / w for _, w in mask.mlp_width))
 
 
+def sprint_step(request: StepRequest) -> dict:
+    """What ``Evaluator.sprint_step`` returns, derived from :func:`score`: a candidate's sensitivity
+    is the score it adds; a refit of the MLP after it halves that (NaN stays NaN: it is data)."""
+    L, base = tiny_arch("llama").num_layers, score(request.mask)
+    sens = {b: score(request.mask.remove(Block.from_index(b))) - base for b in request.candidates}
+    ranked = {**dict(request.known), **sens}
+    top = top_candidates(ranked, request.costs, request.top_k)
+    tuned = []
+    for b in top:
+        target = target_block(request.mask, L, b)
+        refit = target % 2 == 1 and target > b
+        tuned.append({"block": b, "target": target, "sensitivity": ranked[b] / 2 if refit else ranked[b],
+                      "untuned": ranked[b], "status": "ok" if refit else "no-mlp"})
+    best = best_candidate({t["block"]: t["sensitivity"] for t in tuned}, request.costs)
+    choice = next(t for t in tuned if t["block"] == best)
+    sha = hashlib.sha256(f"{request.mask.to_json()}|{best}".encode()).hexdigest() if choice["status"] == "ok" else None
+    return {"state": state_key(request.mask, request.tuned), "sensitivity": sens, "top": top, "tuned": tuned,
+            "choice": {**choice, "sha": sha}}
+
+
 def drive(searcher) -> list[tuple[tuple[Mask, ...], Mask | None, str]]:
     proposals = []
     with warnings.catch_warnings():
@@ -71,12 +84,17 @@ def drive(searcher) -> list[tuple[tuple[Mask, ...], Mask | None, str]]:
         while (p := searcher.suggest()) is not None:
             assert p.masks and all(isinstance(m, Mask) for m in p.masks)
             proposals.append((p.masks, p.base, p.label))
-            searcher.observe({m: score(m) for m in p.masks})
+            scores = {m: score(m) for m in p.masks}
+            request = getattr(p, "request", None)  # SPRINT: the step an actor runs
+            if request is None:
+                searcher.observe(scores)
+            else:
+                searcher.observe(scores, step=sprint_step(request) if request.top_k else None)
             assert len(proposals) < 1000, "the search does not end"
     return proposals
 
 
-@pytest.fixture(params=_methods())
+@pytest.fixture(params=METHODS)
 def method(request) -> str:
     return request.param
 
