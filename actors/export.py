@@ -41,7 +41,7 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
     dense = load_model(source, dtype=dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
     pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
-    tuned_ids = _set_tuned_(pruned, mask, tuned or {})
+    tuned_ids = set_tuned_(pruned, mask, tuned or {})
     params = count_parameters(pruned)
     if params != param_count(mask, arch):
         raise RuntimeError(f"exported model has {params} parameters, the mask says {param_count(mask, arch)}")
@@ -60,7 +60,7 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
     return out
 
 
-def _set_tuned_(model: PreTrainedModel, mask: Mask, tuned: Mapping[int, Any]) -> dict[str, str]:
+def set_tuned_(model: PreTrainedModel, mask: Mask, tuned: Mapping[int, Any]) -> dict[str, str]:
     """Put refitted down_proj weights into the pruned ``model``; returns layer -> content hash."""
     import numpy as np
     import torch

@@ -4,8 +4,9 @@ What ``MODEL_OR_RUN`` names decides what is evaluated:
 
 - a run directory (it holds ``path.json`` or ``config.yaml``): its compact export ``model/``; a run
   without one gets the final mask of ``path.json`` applied in memory to the configured model (L1
-  reordered, physically sliced: what ``export_compact`` would write). The held-out settings default
-  to the run's ``data.corpus`` and ``data.evaluation``, so the figure repeats the run's own;
+  reordered, physically sliced, SPRINT's refitted ``down_proj`` weights restored: what
+  ``export_compact`` would write). The held-out settings default to the run's ``data.corpus`` and
+  ``data.evaluation``, so the figure repeats the run's own;
 - a compact export (its ``config.json`` has a ``rayprune`` entry): loaded with ``load_pruned``;
 - anything else is a dense model: a preset, a local Hugging Face directory or a hub id.
 """
@@ -50,14 +51,19 @@ def _run_evaluation(config: dict[str, Any]) -> dict[str, Any]:
     return {"corpus": data.get("corpus", "wikipedia"), **evaluation}
 
 
-def _masked_in_memory(model_spec: str, mask_dict: dict[str, Any]) -> PreTrainedModel:
+def _masked_in_memory(model_spec: str, mask_dict: dict[str, Any], tuned: dict[int, Any]) -> PreTrainedModel:
+    """What ``export_compact`` would write, in memory: reordered, sliced, refitted weights set."""
+    from actors.export import set_tuned_
     from actors.models import load_model, resolve_model
     from actors.surgery import prune_model_, reorder_by_l1_
     from search_spaces import Arch, Mask
 
     dense = load_model(resolve_model(model_spec))
     arch = Arch.from_hf_config(dense.config.to_dict())
-    return prune_model_(reorder_by_l1_(dense, arch), Mask.from_dict(mask_dict), arch).eval()
+    mask = Mask.from_dict(mask_dict)
+    pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
+    set_tuned_(pruned, mask, tuned)
+    return pruned.eval()
 
 
 def load_target(spec: str) -> Target:
@@ -66,6 +72,7 @@ def load_target(spec: str) -> Target:
     from actors.models import load_model, load_tokenizer, resolve_model
 
     from .report import final_mask, run_config
+    from .sprint_campaign import step_weights
 
     path = Path(spec).expanduser()
     if _is_run_dir(path):
@@ -78,7 +85,9 @@ def load_target(spec: str) -> Target:
         if not config.get("model") or run_path is None:
             raise ValueError(f"{path} is a run directory without model/, and without the config.yaml model and "
                              f"path.json needed to rebuild it; run `rayprune export {path}` or finish the run")
-        model = _masked_in_memory(str(config["model"]), final_mask(run_path).to_dict())
+        steps = run_path["steps"]
+        tuned = step_weights(path, steps[-1]) if steps else {}  # SPRINT's refits are part of its model
+        model = _masked_in_memory(str(config["model"]), final_mask(run_path).to_dict(), tuned)
         return Target(model, load_tokenizer(resolve_model(str(config["model"]))), "run (masked in memory)",
                       f"{config['model']} + final mask of {path / 'path.json'}", _run_evaluation(config), recorded)
     if path.is_dir() and _is_export(path):

@@ -20,28 +20,25 @@ from actors.surgery import reorder_by_l1_
 from actors.windows import windows_fingerprint
 from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign, CampaignResult
-from orchestrator.config import load_config
+from orchestrator.evaluate import load_target
 from orchestrator.sprint_campaign import SprintRun, StepStore, export_step
 from search_spaces import Mask
 from search_spaces.latency import BlockCosts, LatencyTable
-from tests.tiny import save_tiny, tiny_arch, tiny_model, write_corpus
+from tests.tiny import tiny_arch, tiny_campaign_config, tiny_model, tiny_run_setup
 
 TABLE = LatencyTable("test-device", "fp", {"prefill:512": BlockCosts(0.2, 0.1, 0.25)}, {"prefill:512": 1.6})
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sprint")
-    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("sprint"))
 
 
 def make_campaign(setup, name: str, **overrides) -> Campaign:
-    values = {"name": name, "model": setup["model"], "data.corpus": setup["corpus"],
-              "data.calibration": "{sequences: 6, length: 24, seed: 0}",
-              "data.evaluation": "{sequences: 3, length: 32, seed: 1}", "search.method": "sprint",
-              "search.batch_size": 4, "search.sprint.top_k": 3, "search.sprint.checkpoint_every": 1,
-              "output": str(setup["root"] / name), **overrides}
-    campaign = Campaign(load_config(None, [f"{k}={v}" for k, v in values.items()]), progress=False)
+    config = tiny_campaign_config(setup, name, **{
+        "data.calibration": "{sequences: 6, length: 24, seed: 0}", "search.method": "sprint", "search.batch_size": 4,
+        "search.sprint.top_k": 3, "search.sprint.checkpoint_every": 1, **overrides})
+    campaign = Campaign(config, progress=False)
     campaign.arch = tiny_arch("llama")
     windows = campaign.prepare_windows()
     campaign.fingerprints = {k: windows_fingerprint(w) for k, w in windows.items()}
@@ -110,6 +107,19 @@ def test_sprint_path_targets_replay_and_export(tiny_setup):
             got = load_pruned(out)(ids).logits
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
         assert json.loads((out / "config.json").read_text())["rayprune"]["tuned"] == path["steps"][k - 1]["tuned_weights"]
+
+    # `rayprune eval RUN` on the run without model/ rebuilds the same tuned model in memory.
+    (run_dir / "model").rename(run_dir / "model.moved")
+    try:
+        target = load_target(str(run_dir))
+    finally:
+        (run_dir / "model.moved").rename(run_dir / "model")
+    assert target.kind == "run (masked in memory)"
+    decoder, mask, weights = tuned_decoder(run_dir, path["steps"][-1])
+    with torch.inference_mode():
+        with TunedSwap(decoder, weights):
+            expected = decoder.forward_logits(ids, mask)
+        torch.testing.assert_close(target.model(ids).logits, expected, atol=1e-5, rtol=0)
 
     # A rerun replays every step from the run directory: no step runs again.
     calls: list[str] = []
