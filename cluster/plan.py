@@ -95,6 +95,24 @@ def step_seconds(arch: Arch, starts: list[int], keep: float, tokens: int, replic
     return naive / rate, engine / rate
 
 
+def ratio_for_speedup(arch: Arch, speedup: float) -> float:
+    """The parameter ratio that gives ``speedup`` in this model's FLOP terms (the LM head stays).
+
+    A planning stand-in for a latency target (SPRINT's ``target_speedup``): a forward costs
+    ``2 x params`` FLOPs per token, so a ``speedup`` removes ``1 - 1/speedup`` of those FLOPs.
+    """
+    from search_spaces import dense_params
+
+    attn, mlp, head = _layer_flops_per_token(arch)
+    layers = arch.num_layers * (attn + mlp)
+    removed = (layers + head) * (1 - 1 / speedup)
+    if speedup < 1 or removed >= layers:
+        top = (layers + head) / head
+        raise ValueError(f"a {speedup:g}x speedup is outside what removing blocks can give this model "
+                         f"(1x to {top:.1f}x); set search.target_speedup inside that range")
+    return removed / 2 / dense_params(arch)
+
+
 def _stages(arch: Arch, method: str, target: float, split: tuple[float, float, float], mlp_group: int):
     """(steps, candidate starts per step as a function of the step) for each stage of a method."""
     from search_spaces import dense_params

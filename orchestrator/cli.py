@@ -84,7 +84,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
-    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_campaign
+    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_campaign, ratio_for_speedup
     from search_spaces import Arch
     from search_spaces.budget import family_defaults
 
@@ -98,10 +98,22 @@ def _plan(args: argparse.Namespace) -> int:
     tokens = args.tokens or cal.sequences * cal.length
     hw = Hardware(tflops=args.tflops, gpu_memory_gb=args.gpu_memory_gb)
     method = search.method if search.method in ("blockpruner", "multipruner") else "blockpruner"
-    plans = [plan_campaign(arch, model, method, search.target_ratio, tokens, g, hw,
+    target, notes = search.target_ratio, []
+    if target is None:  # a latency target only (SPRINT)
+        target = ratio_for_speedup(arch, search.target_speedup)
+        notes.append(f"search.target_speedup {search.target_speedup:g}x is planned as parameter ratio {target:.3f} "
+                     f"(blocks whose FLOPs give that speedup).")
+    if method != search.method:
+        notes.append(f"search.method {search.method} is planned as BlockPruner, an upper bound: "
+                     + ("SPRINT scores candidates with local forwards on one evaluator instead of full forwards."
+                        if search.method == "sprint" else
+                        f"Optuna runs search.trials ({search.trials}) full forwards instead of greedy steps."))
+    plans = [plan_campaign(arch, model, method, target, tokens, g, hw,
                            search.split or defaults.split, search.mlp_group or defaults.mlp_group)
              for g in args.gpus]
     print(format_plans(plans, tokens, hw))
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

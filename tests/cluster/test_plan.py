@@ -55,3 +55,25 @@ def test_plan_command_prints_a_row_per_gpu_count(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| llama2-70b | blockpruner | 1 | 3 | 0 |" in out and "does not fit" in out
     assert "| llama2-70b | blockpruner | 8 | 3 | 2 |" in out
+
+
+def test_a_speedup_target_is_planned_as_the_ratio_with_those_flops():
+    from cluster.plan import _layer_flops_per_token, ratio_for_speedup
+    from search_spaces import dense_params
+
+    r = ratio_for_speedup(LLAMA7, 1.25)
+    attn, mlp, head = _layer_flops_per_token(LLAMA7)
+    dense_flops = LLAMA7.num_layers * (attn + mlp) + head
+    assert dense_flops / (dense_flops - 2 * r * dense_params(LLAMA7)) == pytest.approx(1.25)
+    assert ratio_for_speedup(LLAMA7, 1.0) == 0 and ratio_for_speedup(LLAMA7, 1.5) > r
+    with pytest.raises(ValueError, match="target_speedup"):
+        ratio_for_speedup(LLAMA7, 1000.0)
+
+
+def test_plan_command_with_a_sprint_speedup_target(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("name: p\nmodel: smollm2-135m\nsearch: {method: sprint, target_speedup: 1.25}\n")
+    assert cli.main(["plan", str(config), "--as-model", "llama2-7b", "--gpus", "1", "--tokens", "65536"]) == 0
+    out = capsys.readouterr().out
+    assert "| llama2-7b | blockpruner | 1 | 1 | 1 |" in out
+    assert "target_speedup 1.25x is planned as parameter ratio 0.1" in out and "SPRINT" in out
