@@ -89,6 +89,12 @@ class Campaign:
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
 
+    def unlock(self) -> None:
+        """Free the run directory for the next driver (``run()`` does this when it returns or fails)."""
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the flock
+            self._lock_file = None
+
     def prepare_windows(self) -> dict[str, np.ndarray]:
         """Token windows for calibration and held-out evaluation; calibration.parquet is written."""
         from actors.corpus import load_documents
@@ -112,6 +118,13 @@ class Campaign:
 
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> CampaignResult:
+        """Lock the run directory, run the search (resuming from the cache), write every output."""
+        try:
+            return self._run()
+        finally:
+            self.unlock()
+
+    def _run(self) -> CampaignResult:
         from actors.models import read_model_config
         from actors.windows import windows_fingerprint
         from cluster.placement import PlacementError, free_replica_slots

@@ -181,7 +181,7 @@ def run_tune(config: Config, *, trials: int, seed: int = 0, space: TuneSpace | N
     try:
         return _tune(config, run_dir, trials, seed, space, evaluator_cls)
     finally:
-        holder._lock_file.close()
+        holder.unlock()
 
 
 def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpace | None,

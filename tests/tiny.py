@@ -93,3 +93,34 @@ def write_corpus(path, words: int = 6000, seed: int = 0) -> str:
             line = []
     path.write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def tiny_run_setup(root) -> dict:
+    """A tiny Llama saved as a model directory and a corpus file under ``root``, for campaign tests."""
+    from pathlib import Path
+
+    root = Path(root)
+    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+
+
+#: Small, fast campaign settings on the tiny model: 4 x 24 calibration and 3 x 32 held-out tokens.
+TINY_CAMPAIGN = {
+    "data.calibration": "{sequences: 4, length: 24, seed: 0}",
+    "data.evaluation": "{sequences: 3, length: 32, seed: 1}",
+    "search.batch_size": 2, "cluster.actors": 2,
+}
+
+
+def tiny_overrides(setup: dict, name: str, **overrides) -> list[str]:
+    """``KEY=VALUE`` overrides of a campaign named ``name`` on ``setup`` (see ``tiny_run_setup``),
+    in ``setup["root"] / name``; ``overrides`` (dotted keys) win over ``TINY_CAMPAIGN``."""
+    values = {"name": name, "model": setup["model"], "data.corpus": setup["corpus"], **TINY_CAMPAIGN,
+              "output": str(setup["root"] / name), **overrides}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+def tiny_campaign_config(setup: dict, name: str, **overrides):
+    """The validated config of ``tiny_overrides(setup, name, **overrides)``."""
+    from orchestrator.config import load_config
+
+    return load_config(None, tiny_overrides(setup, name, **overrides))

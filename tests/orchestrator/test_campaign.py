@@ -12,28 +12,19 @@ from actors.engine import Engine
 from actors.forward import LeanDecoder
 from actors.windows import read_windows
 from orchestrator.campaign import Campaign
-from orchestrator.config import load_config
 from orchestrator.search import BlockPrunerSearcher
-from tests.tiny import save_tiny, tiny_arch, tiny_model, write_corpus
+from tests.tiny import tiny_arch, tiny_campaign_config, tiny_model, tiny_run_setup
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("campaign")
-    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("campaign"))
 
 
 def make_config(setup, name: str, **overrides):
-    values = {
-        "name": name, "model": setup["model"], "data.corpus": setup["corpus"],
-        "data.calibration": "{sequences: 4, length: 24, seed: 0}",
-        "data.evaluation": "{sequences: 3, length: 32, seed: 1}",
-        "search.target_ratio": 0.5, "search.max_steps": 3, "search.batch_size": 2,
-        "cluster.actors": 2, "output": str(setup["root"] / name), **overrides,
-    }
-    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+    return tiny_campaign_config(setup, name, **{"search.target_ratio": 0.5, "search.max_steps": 3, **overrides})
 
 
 def test_campaign_matches_in_process_greedy_and_resumes(ray_session, tiny_setup):
@@ -84,3 +75,7 @@ def test_second_driver_on_same_run_directory_is_refused(tiny_setup):
     holder.lock()
     with pytest.raises(RunDirectoryBusy, match="in use by another rayprune driver"):
         Campaign(config).lock()
+    holder.unlock()  # what run() does when it returns or fails
+    second = Campaign(config)
+    second.lock()
+    second.unlock()

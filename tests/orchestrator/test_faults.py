@@ -26,30 +26,22 @@ from orchestrator.campaign import Campaign, CampaignResult
 from orchestrator.config import load_config
 from search_spaces import Mask, mask_key
 from tests import faults
-from tests.tiny import save_tiny, write_corpus
+from tests.tiny import tiny_overrides, tiny_run_setup
 
 pytestmark = pytest.mark.ray
 
 REPO = Path(__file__).resolve().parents[2]
 MAX_STEPS = 2
-SETTINGS = {
-    "data.calibration": "{sequences: 4, length: 24, seed: 0}",
-    "data.evaluation": "{sequences: 3, length: 32, seed: 1}",
-    "search.target_ratio": 0.5, "search.max_steps": MAX_STEPS, "search.batch_size": 2,
-    "cluster.actors": 2, "cluster.max_attempts": 3, "export": "false",
-}
+SETTINGS = {"search.target_ratio": 0.5, "search.max_steps": MAX_STEPS, "cluster.max_attempts": 3, "export": "false"}
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("faults"))
 
 
 def overrides(setup, name: str, **extra) -> list[str]:
-    values = {"name": name, "model": setup["model"], "data.corpus": setup["corpus"], **SETTINGS,
-              "output": str(setup["root"] / name), **extra}
-    return [f"{k}={v}" for k, v in values.items()]
+    return tiny_overrides(setup, name, **{**SETTINGS, **extra})
 
 
 def run_campaign(setup, name: str, evaluator_cls: type | None = None, **extra) -> tuple[Campaign, CampaignResult]:

@@ -11,10 +11,9 @@ import pytest
 
 from actors.evaluator import Evaluator
 from orchestrator.campaign import Campaign
-from orchestrator.config import load_config
 from orchestrator.search.optuna_search import OptunaSearcher
 from search_spaces import Mask
-from tests.tiny import save_tiny, write_corpus
+from tests.tiny import tiny_campaign_config, tiny_run_setup
 
 pytestmark = pytest.mark.ray
 
@@ -35,13 +34,7 @@ def counting(log_dir: Path) -> type:
 
 
 def run(cfg, log_dir: Path):
-    """Run a campaign and free its run directory (as the driver process exiting would)."""
-    campaign = Campaign(cfg, progress=False, evaluator_cls=counting(log_dir))
-    try:
-        return campaign.run()
-    finally:
-        if campaign._lock_file is not None:
-            campaign._lock_file.close()
+    return Campaign(cfg, progress=False, evaluator_cls=counting(log_dir)).run()
 
 
 def evaluated(log_dir: Path) -> list[str]:
@@ -51,20 +44,13 @@ def evaluated(log_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("optuna")
-    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("optuna"))
 
 
 def config(setup, name: str, **overrides):
-    values = {
-        "name": name, "model": setup["model"], "data.corpus": setup["corpus"],
-        "data.calibration": "{sequences: 4, length: 24, seed: 0}",
-        "data.evaluation": "{sequences: 3, length: 32, seed: 1}",
+    return tiny_campaign_config(setup, name, **{
         "search.method": "optuna", "search.target_ratio": 0.3, "search.trials": 10, "search.batch": 4,
-        "search.batch_size": 2, "cluster.actors": 2, "export": "false", "output": str(setup["root"] / name),
-        **overrides,
-    }
-    return load_config(None, [f"{k}={v}" for k, v in values.items()])
+        "export": "false", **overrides})
 
 
 def test_optuna_campaign_evaluates_no_mask_twice_and_writes_its_study(ray_session, setup, tmp_path):

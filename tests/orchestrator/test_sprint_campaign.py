@@ -9,15 +9,14 @@ import pytest
 from orchestrator.campaign import Campaign
 from tests.orchestrator.sprint_evaluators import KilledInStep
 from tests.orchestrator.test_sprint import in_process, make_campaign
-from tests.tiny import save_tiny, write_corpus
+from tests.tiny import tiny_run_setup
 
 pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sprint-ray")
-    return {"model": save_tiny("llama", root / "model"), "corpus": write_corpus(root / "corpus.txt"), "root": root}
+    return tiny_run_setup(tmp_path_factory.mktemp("sprint-ray"))
 
 
 def test_campaign_survives_a_killed_evaluator_and_matches_in_process(ray_session, tiny_setup, tmp_path):

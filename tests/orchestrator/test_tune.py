@@ -63,7 +63,6 @@ export: false
     # best.yaml is a complete campaign config on this run directory: it replays from the shared cache.
     replay = Campaign(load_config(run_dir / "best.yaml"), progress=False)
     result = replay.run()
-    replay._lock_file.close()
     assert result.counters.evaluated == 0
     assert result.searcher.current.to_json() == best["mask"]
     assert result.heldout["pruned_ppl"] == pytest.approx(best["heldout_ppl"])
