@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(PY) bench/engine_step.py
 	$(PY) bench/throughput.py
 	$(PY) bench/campaigns.py
+	$(PY) bench/sprint_vs_blockpruner.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -47,6 +47,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--mlp-group", type=int, default=256, help="channels one width candidate removes")
     parser.add_argument("--skip-stock", action="store_true", help="skip the slowest (stock) loop")
+    parser.add_argument("--steps", nargs="+", choices=sorted(MARKERS), default=sorted(MARKERS),
+                        help="which steps to measure (default: both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -66,6 +68,8 @@ def main() -> None:
         ("width", widths, f"One full MultiPruner width step (every layer's MLP {arch.intermediate_size} -> "
                           f"{width} channels, dense base)"),
     ):
+        if kind not in args.steps:
+            continue
         timings, choice = run_step(args, model, arch, windows, candidates)
         write_results(args, kind, title, len(candidates), timings, choice)
 

@@ -56,10 +56,14 @@ def write_results(rows) -> None:
              f"dispatched as a campaign does, {time.strftime('%Y-%m-%d')}, 2 cores.", "",
              "| actors x CPUs | step seconds | candidates / s | vs 1 x 1 |", "|---|---:|---:|---:|"]
     lines += [f"| {a} x {c} | {s:.1f} | {r:.2f} | {r / base:.2f}x |" for a, c, s, r in rows]
-    lines += ["", "The machine has two cores, so two CPU slots are all there is: the step is compute-bound "
-              "(matrix multiplies at ~100 GFLOPS per core), and two actors or one actor with two streams "
-              "use both cores. Two actors each run their own base prefix, which one actor with two streams "
-              "shares; more actors than cores only add contention."]
+    by = {(a, c): r for a, c, _, r in rows}
+    lines += ["", f"Two cores instead of one: {by[(1, 2)] / base:.2f}x with one actor running two concurrent "
+              f"candidate streams (one base prefix per chunk, shared by both streams), {by[(2, 1)] / base:.2f}x "
+              f"with two 1-CPU actors (each runs its own base prefix, so the prefix is computed twice). "
+              "The step is compute-bound (a forward runs at about 115 GFLOPS on the two cores together): the "
+              "machine's two cores are the limit, and more actors than cores would only add contention. "
+              "The scaling model (`rayprune plan`) treats GPUs the same way: replicas divide a step's "
+              "candidates, and each pays its own prefix."]
     write_section(MARKER, lines)
 
 

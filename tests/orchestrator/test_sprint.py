@@ -109,6 +109,7 @@ def test_sprint_path_targets_replay_and_export(tiny_setup):
         assert json.loads((out / "config.json").read_text())["rayprune"]["tuned"] == path["steps"][k - 1]["tuned_weights"]
 
     # `rayprune eval RUN` on the run without model/ rebuilds the same tuned model in memory.
+    assert path["steps"][-1]["tuned_weights"], "the final model carries no refit: nothing to restore"
     (run_dir / "model").rename(run_dir / "model.moved")
     try:
         target = load_target(str(run_dir))
