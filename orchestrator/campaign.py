@@ -25,6 +25,7 @@ from .dispatch import Dispatcher, Task, balanced_chunks
 from .report import write_report
 from .search import Searcher, make_searcher
 from .search.base import rank_value
+from .storage import RunStorage
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,7 +70,8 @@ class Campaign:
     def __init__(self, config: Config, *, progress: bool = True, evaluator_cls: type | None = None) -> None:
         self.config = config
         self.evaluator_cls = evaluator_cls
-        self.run_dir = Path(config.output)
+        self.storage = RunStorage(config.output)  # a path, or a URI mirrored from a local staging directory
+        self.run_dir = self.storage.local
         self.progress = progress
         self.counters = Counters()
         self._lock_file = None
@@ -119,8 +121,10 @@ class Campaign:
     # ---- the loop ---------------------------------------------------------------------------------
     def run(self) -> CampaignResult:
         """Lock the run directory, run the search (resuming from the cache), write every output."""
+        self.lock()
         try:
-            return self._run()
+            with self.storage:  # a URI output: pull to resume, mirror while running and at the end
+                return self._run()
         finally:
             self.unlock()
 
@@ -133,7 +137,6 @@ class Campaign:
         from .cache import EvalCache
 
         t0 = time.perf_counter()
-        self.lock()
         self.arch = Arch.from_hf_config(read_model_config(self.config.model))
         windows = self.prepare_windows()
         self.fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}

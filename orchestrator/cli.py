@@ -16,8 +16,11 @@ def _run(args: argparse.Namespace) -> int:
     from .config import load_config
 
     config = load_config(args.config, args.overrides, check_model=read_model_config)
-    result = Campaign(config, progress=not args.no_progress).run()
+    campaign = Campaign(config, progress=not args.no_progress)
+    result = campaign.run()
     print(summary(result.run_dir))
+    if campaign.storage.remote:
+        print(f"Mirrored to: {config.output}")
     return 0
 
 

@@ -203,7 +203,12 @@ def _build(section: Section, raw: Mapping[str, Any], path: str, defaults: Any,
 
 # ---- cross-field checks -------------------------------------------------------------------------
 def _output_problem(output: str) -> str | None:
-    """Why ``output`` cannot be created and written (None when it can)."""
+    """Why ``output`` cannot be created and written (None when it can). A URI is checked by its
+    scheme here; the storage itself is opened when the campaign starts (orchestrator/storage.py)."""
+    from .storage import uri_problem, uri_scheme
+
+    if uri_scheme(output) is not None:
+        return uri_problem(output)
     probe = Path(output)
     try:
         while not probe.exists() and probe.parent != probe:

@@ -173,7 +173,11 @@ def run_tune(config: Config, *, trials: int, seed: int = 0, space: TuneSpace | N
     """Tune ``trials`` greedy campaigns; write the results table, report and best.yaml; return the rows
     (best first). Raises RunDirectoryBusy if another driver holds the run directory."""
     from .campaign import Campaign
+    from .storage import uri_scheme
 
+    if uri_scheme(config.output) is not None:
+        raise ValueError(f"rayprune tune writes its run directory to a path, not {config.output!r}; set output to a "
+                         f"path (a shared mount works) and copy the results to the storage afterwards")
     run_dir = Path(config.output).absolute()
     config = dataclasses.replace(config, output=str(run_dir))
     holder = Campaign(config, progress=False)

@@ -1,0 +1,175 @@
+"""Run directories on shared storage: ``output`` may be a path or a URI (``s3://``, ``gs://``, ``hdfs://``).
+
+A path (local disk or a shared mount such as NFS) is used as it is. For a URI the campaign works in
+a local staging directory, the way Ray Train and Tune treat ``storage_path``:
+
+- before it starts, whatever the URI already holds is pulled into the staging directory, so a
+  campaign resumes on any node from the evaluations that reached the storage;
+- while it runs, a background thread mirrors the staging directory to the URI every
+  ``interval_s`` seconds (new and changed files uploaded, deleted ones deleted: the cache's
+  compaction replaces its parts), so a lost driver node loses at most that interval of results;
+- when it ends (finished or failed) the directory is mirrored once more.
+
+Files whose name starts with a dot (the run lock, files being written) are never uploaded. The run
+lock guards the staging directory on one machine only: do not start two drivers on one URI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyarrow.fs import FileSystem
+
+log = logging.getLogger("rayprune")
+
+#: URI schemes that pyarrow.fs opens (credentials come from the environment, as for pyarrow).
+SCHEMES = ("s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "file")
+
+
+def uri_scheme(output: str) -> str | None:
+    """The scheme of a URI (``s3`` of ``s3://b/p``); None for a plain path."""
+    match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", output)
+    return match.group(1).lower() if match else None
+
+
+def uri_problem(output: str) -> str | None:
+    """Why ``output`` is not a URI rayprune can write to (None when the scheme is supported)."""
+    scheme = uri_scheme(output)
+    if scheme is not None and scheme not in SCHEMES:
+        return (f"output: {output!r} uses the scheme {scheme}://, which pyarrow.fs cannot open; use a path "
+                f"(a shared mount) or one of {', '.join(s + '://' for s in SCHEMES)}")
+    return None
+
+
+def staging_dir(output: str) -> Path:
+    """The local working copy of a URI run directory: under rayprune's cache, one per URI."""
+    from actors.models import cache_dir
+
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", output.rstrip("/").rsplit("/", 1)[-1]) or "run"
+    return cache_dir() / "staging" / f"{name}-{hashlib.sha256(output.encode()).hexdigest()[:12]}"
+
+
+class RunStorage:
+    """Where a run directory lives. ``local`` is the directory the campaign writes to."""
+
+    def __init__(self, output: str, *, interval_s: float = 60.0) -> None:
+        self.output, self.interval_s = output, interval_s
+        self.remote = uri_scheme(output) is not None
+        self.local = staging_dir(output) if self.remote else Path(output)
+        self._fs: FileSystem | None = None
+        self._root = ""
+        self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"RunStorage({self.output!r}{f', staged in {str(self.local)!r}' if self.remote else ''})"
+
+    # ---- the remote side ----------------------------------------------------------------------------
+    def _open(self) -> tuple[FileSystem, str]:
+        if self._fs is None:
+            from pyarrow.fs import FileSystem
+
+            if problem := uri_problem(self.output):
+                raise ValueError(problem)
+            try:
+                self._fs, self._root = FileSystem.from_uri(self.output)
+            except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError/ArrowInvalid for bad URIs and credentials
+                raise ValueError(f"output: {self.output!r} cannot be opened ({exc}); check the URI and the storage "
+                                 f"credentials in the environment") from exc
+            self._root = self._root.rstrip("/")
+        return self._fs, self._root
+
+    def _remote_files(self) -> dict[str, int]:
+        from pyarrow.fs import FileSelector, FileType
+
+        fs, root = self._open()
+        infos = fs.get_file_info(FileSelector(root, recursive=True, allow_not_found=True))
+        return {info.path[len(root) + 1:]: info.size for info in infos if info.type == FileType.File}
+
+    def _local_files(self) -> dict[str, tuple[int, int]]:
+        files = {}
+        for path in self.local.rglob("*"):
+            rel = path.relative_to(self.local)
+            if path.is_file() and not any(part.startswith(".") for part in rel.parts):
+                stat = path.stat()
+                files[rel.as_posix()] = (stat.st_size, stat.st_mtime_ns)
+        return files
+
+    # ---- sync -----------------------------------------------------------------------------------------
+    def pull(self) -> int:
+        """Copy what the URI holds into the staging directory (resume); returns the number of files."""
+        if not self.remote:
+            return 0
+        fs, root = self._open()
+        remote = self._remote_files()
+        self.local.mkdir(parents=True, exist_ok=True)
+        for rel in remote:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.pull")
+            with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            tmp.replace(target)
+        self._pushed = {rel: meta for rel, meta in self._local_files().items() if rel in remote}
+        if remote:
+            log.info("resuming from %s: %d files pulled into %s", self.output, len(remote), self.local)
+        return len(remote)
+
+    def push(self) -> int:
+        """Mirror the staging directory to the URI; returns the number of files uploaded."""
+        if not self.remote:
+            return 0
+        with self._lock:
+            fs, root = self._open()
+            local = self._local_files()
+            uploaded = 0
+            for rel, meta in sorted(local.items()):
+                if self._pushed.get(rel) == meta:
+                    continue
+                fs.create_dir(f"{root}/{rel}".rsplit("/", 1)[0], recursive=True)
+                try:
+                    with open(self.local / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
+                        while chunk := src.read(1 << 22):
+                            dst.write(chunk)
+                except FileNotFoundError:  # replaced or merged since it was listed: the next mirror has it
+                    continue
+                self._pushed[rel] = meta
+                uploaded += 1
+            for rel in set(self._remote_files()) - set(local):  # e.g. cache parts merged by compaction
+                fs.delete_file(f"{root}/{rel}")
+                self._pushed.pop(rel, None)
+            return uploaded
+
+    def __enter__(self) -> RunStorage:
+        """Pull, then mirror in the background until the block ends; the final mirror runs on exit."""
+        self.pull()
+        if self.remote:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="rayprune-storage", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        if self.remote:
+            n = self.push()
+            log.info("run directory mirrored to %s (%d files uploaded)", self.output, n)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.push()
+            except Exception as exc:  # noqa: BLE001 - a storage hiccup must not stop the campaign
+                log.warning("mirroring to %s failed (%s); retrying in %.0f s", self.output, exc, self.interval_s)
