@@ -85,6 +85,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from actors.export import load_pruned
+
+    from .export import export_pruning_config, export_run
+
+    if args.pruning_config:
+        if args.step is not None or not args.out:
+            raise ValueError("with --pruning-config, SOURCE is a model: give --out DIR (and no --step)")
+        out = export_pruning_config(args.source, args.pruning_config, args.out, dtype=args.dtype)
+    elif not Path(args.source).is_dir():
+        raise ValueError(f"{args.source} is not a run directory; to prune a model, add --pruning-config FILE --out DIR")
+    else:
+        out = export_run(args.source, step=args.step, out=args.out, dtype=args.dtype)
+    rayprune = json.loads((out / "config.json").read_text())["rayprune"]
+    print(f"compact model written to {out}: {rayprune['params']:,} parameters"
+          f"{', refitted down_proj in MLP layers ' + ', '.join(rayprune['tuned']) if rayprune.get('tuned') else ''}; "
+          f"load it with actors.export.load_pruned({str(out)!r})")
+    if args.check:
+        load_pruned(out)
+        print("loaded back with stock transformers classes: ok")
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
     from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_campaign, ratio_for_speedup
@@ -163,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.set_defaults(func=_eval)
+
+    export = sub.add_parser("export", help="write a compact model from a run, or from a model and a pruning_config.json",
+                            description="RUN [--step K]: the model after step K of the run's path (default: the last; "
+                                        "0: dense), SPRINT's refitted weights included, to RUN/model (or "
+                                        "RUN/model-step-K). MODEL --pruning-config FILE --out DIR: a MultiPruner "
+                                        "pruning_config.json applied to its model.")
+    export.add_argument("source", metavar="RUN_OR_MODEL")
+    export.add_argument("--pruning-config", metavar="FILE", help="a MultiPruner pruning_config.json (SOURCE is a model)")
+    export.add_argument("--step", type=int, help="a step of the run's path (default: the last)")
+    export.add_argument("--out", help="output directory")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--check", action="store_true", help="load the written model back")
+    export.set_defaults(func=_export)
 
     plan = sub.add_parser("plan", help="predict a campaign's wall time on 1..N GPUs before it starts",
                           description="The scaling model of cluster/plan.py applied to a config: steps, evaluations "

@@ -252,17 +252,9 @@ def run_sprint(campaign: Campaign, actors: list, t0: float) -> CampaignResult:
 
 def export_step(run_dir: str | os.PathLike[str], step: int, out_dir: str | os.PathLike[str]) -> Path:
     """Export the model after ``step`` of a SPRINT run's path (0: dense), refitted weights included."""
-    from actors.export import export_compact
+    from .export import export_run
 
-    from .report import run_config
-
-    run_dir = Path(run_dir)
-    path = json.loads((run_dir / "path.json").read_text())
-    if not 0 <= step <= len(path["steps"]):
-        raise ValueError(f"step {step} is not on the path of {run_dir} (0..{len(path['steps'])}); pick one of those")
-    entry = path["steps"][step - 1] if step else {"mask": Mask().to_dict(), "tuned_weights": {}}
-    return export_compact(run_config(run_dir)["model"], Mask.from_dict(entry["mask"]), out_dir,
-                          tuned=step_weights(run_dir, entry))
+    return export_run(run_dir, step=step, out=out_dir)
 
 
 def step_weights(run_dir: str | os.PathLike[str], entry: Mapping[str, Any]) -> dict[int, np.ndarray]:
