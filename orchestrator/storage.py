@@ -158,14 +158,22 @@ class RunStorage:
             self._thread.start()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
             self._thread = None
-        if self.remote:
+        if not self.remote:
+            return
+        try:
             n = self.push()
-            log.info("run directory mirrored to %s (%d files uploaded)", self.output, n)
+        except Exception as exc:
+            log.error("mirroring to %s failed (%s); every result is kept in %s, and rerunning the campaign "
+                      "retries the upload", self.output, exc, self.local)
+            if exc_type is None:
+                raise
+            return  # the campaign's own error is the one to see
+        log.info("run directory mirrored to %s (%d files uploaded)", self.output, n)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -93,3 +93,17 @@ def test_campaign_on_a_uri_mirrors_its_run_directory_and_resumes_from_it(ray_ses
     again = Campaign(config, progress=False).run()
     assert again.counters.evaluated == 0 and again.counters.cached == result.counters.evaluated
     assert [(s.kind, s.layer) for s in again.searcher.path] == [(s["kind"], s["layer"]) for s in path["steps"]]
+
+
+def test_a_failed_final_mirror_keeps_the_campaigns_own_error(tmp_path, staging, monkeypatch, caplog):
+    storage = RunStorage(f"file://{tmp_path / 'bucket' / 'run'}", interval_s=3600)
+
+    def unreachable():
+        raise OSError("storage unreachable")
+
+    monkeypatch.setattr(storage, "push", unreachable)
+    with pytest.raises(RuntimeError, match="the search failed"), storage:
+        raise RuntimeError("the search failed")
+    assert "every result is kept in" in caplog.text and str(storage.local) in caplog.text
+    with pytest.raises(OSError, match="storage unreachable"), storage:
+        pass
