@@ -27,33 +27,43 @@ if TYPE_CHECKING:
 FORMAT_VERSION = 1
 
 
-def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
-                   tuned: Mapping[int, Any] | None = None) -> Path:
-    """Write the compact model of ``mask`` applied to ``model`` (a preset, directory or hub id).
+def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
+                  tuned: Mapping[int, Any] | None = None) -> PreTrainedModel:
+    """The compact model of ``mask`` applied to ``model`` (a preset, directory or hub id), in memory,
+    with the ``rayprune`` entry of its config filled in.
 
     ``tuned``: MLP layer -> refitted ``down_proj`` weight (``H x kept width``, numpy or torch, of the
     L1-reordered model, as SPRINT produces them); ValueError for a removed layer or a wrong shape.
     """
-    from .models import load_model, load_tokenizer, resolve_model
+    from .models import load_model, resolve_model
     from .surgery import count_parameters, prune_model_, reorder_by_l1_
 
-    source = resolve_model(model)
-    dense = load_model(source, dtype=dtype)
+    dense = load_model(resolve_model(model), dtype=dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
     pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
     tuned_ids = set_tuned_(pruned, mask, tuned or {})
     params = count_parameters(pruned)
     if params != param_count(mask, arch):
-        raise RuntimeError(f"exported model has {params} parameters, the mask says {param_count(mask, arch)}")
+        raise RuntimeError(f"compact model has {params} parameters, the mask says {param_count(mask, arch)}")
     pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": "l1",
                               "params": params, "source": str(model)}
     if tuned_ids:
         pruned.config.rayprune["tuned"] = tuned_ids
+    return pruned.eval()
+
+
+def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
+                   tuned: Mapping[int, Any] | None = None) -> Path:
+    """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``."""
+    from .models import load_tokenizer, read_model_config, resolve_model
+
+    pruned = compact_model(model, mask, dtype=dtype, tuned=tuned)
+    arch = Arch.from_hf_config(read_model_config(model))
     out = Path(out_dir)
     staging = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pruned.save_pretrained(staging)
-    load_tokenizer(source).save_pretrained(staging)
+    load_tokenizer(resolve_model(model)).save_pretrained(staging)
     (staging / "pruning_config.json").write_text(json.dumps(mask_to_pruning_config(mask, arch), indent=2) + "\n")
     shutil.rmtree(out, ignore_errors=True)
     os.replace(staging, out)

@@ -51,24 +51,9 @@ def _run_evaluation(config: dict[str, Any]) -> dict[str, Any]:
     return {"corpus": data.get("corpus", "wikipedia"), **evaluation}
 
 
-def _masked_in_memory(model_spec: str, mask_dict: dict[str, Any], tuned: dict[int, Any]) -> PreTrainedModel:
-    """What ``export_compact`` would write, in memory: reordered, sliced, refitted weights set."""
-    from actors.export import set_tuned_
-    from actors.models import load_model, resolve_model
-    from actors.surgery import prune_model_, reorder_by_l1_
-    from search_spaces import Arch, Mask
-
-    dense = load_model(resolve_model(model_spec))
-    arch = Arch.from_hf_config(dense.config.to_dict())
-    mask = Mask.from_dict(mask_dict)
-    pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
-    set_tuned_(pruned, mask, tuned)
-    return pruned.eval()
-
-
 def load_target(spec: str) -> Target:
     """Load what ``spec`` names (see the module docstring); raises ValueError with the fix."""
-    from actors.export import load_pruned
+    from actors.export import compact_model, load_pruned
     from actors.models import load_model, load_tokenizer, resolve_model
 
     from .report import final_mask, run_config
@@ -84,10 +69,10 @@ def load_target(spec: str) -> Target:
                           str(path / "model"), _run_evaluation(config), recorded)
         if not config.get("model") or run_path is None:
             raise ValueError(f"{path} is a run directory without model/, and without the config.yaml model and "
-                             f"path.json needed to rebuild it; run `rayprune export {path}` or finish the run")
+                             f"path.json needed to rebuild it; finish the run first (`rayprune run {path / 'config.yaml'}`)")
         steps = run_path["steps"]
         tuned = step_weights(path, steps[-1]) if steps else {}  # SPRINT's refits are part of its model
-        model = _masked_in_memory(str(config["model"]), final_mask(run_path).to_dict(), tuned)
+        model = compact_model(str(config["model"]), final_mask(run_path), tuned=tuned)
         return Target(model, load_tokenizer(resolve_model(str(config["model"]))), "run (masked in memory)",
                       f"{config['model']} + final mask of {path / 'path.json'}", _run_evaluation(config), recorded)
     if path.is_dir() and _is_export(path):
