@@ -100,11 +100,17 @@ class ModelNotFound(ValueError):
 def cache_dir() -> Path:
     """rayprune's cache root: ``$RAYPRUNE_CACHE`` if set, else ``~/.cache/rayprune``.
 
-    Converted presets live under ``models/``, cleaned corpora under ``corpora/``. The directory is
-    not created here.
+    Converted presets live under ``models/``, cleaned corpora under ``corpora/``, staged run
+    directories under ``staging/``. A new cache root is created readable by its owner only (0700),
+    so its weights and staged results are not shared with other users of the machine; an existing
+    one keeps its permissions (e.g. a team cache on a shared volume).
     """
     env = os.environ.get("RAYPRUNE_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rayprune"
+    root = Path(env).expanduser() if env else Path.home() / ".cache" / "rayprune"
+    if not root.is_dir():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        root.mkdir(mode=0o700, exist_ok=True)
+    return root
 
 
 # --------------------------------------------------------------------------- spec classification

@@ -5,18 +5,26 @@ An optional extra: ``pip install 'rayprune[eval]'`` (or ``-r requirements-eval.t
 ``HFLM`` as it is, so no dense copy is ever loaded. A task is a registered lm_eval name (its data
 comes from the hub) or a local task YAML file; relative ``dataset_kwargs.data_files`` in a local
 YAML are resolved against the YAML's folder, so a task and its JSONL can travel together.
+
+A task file runs no code: one that names Python (lm_eval's ``!function`` tag, in it or in a file it
+``include``s) is refused before anything loads, and the Jinja templates of every task render in a
+sandbox (:func:`sandboxed_templates`), so a task YAML from someone else's run directory can
+neither import a module nor reach Python internals through a template.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import yaml
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EvalExtraMissing", "check_tasks", "task_spec", "zero_shot"]
+__all__ = ["EvalExtraMissing", "check_tasks", "refuse_code", "sandboxed_templates", "task_spec", "zero_shot"]
 
 INSTALL_HINT = "install the optional extra: pip install 'rayprune[eval]' (or pip install -r requirements-eval.txt)"
 
@@ -34,12 +42,51 @@ def _lm_eval():
 
 
 def check_tasks(tasks: Sequence[str]) -> None:
-    """Fail early (before any model loads): the extra is installed and every task file exists."""
+    """Fail early (before any model loads): the extra is installed, every task file exists and
+    names no code."""
     _lm_eval()
     for task in tasks:
         path = Path(task).expanduser()
-        if path.suffix in (".yaml", ".yml") and not path.is_file():
-            raise ValueError(f"task file {task} does not exist; give a task YAML or a registered lm_eval task name")
+        if path.suffix in (".yaml", ".yml"):
+            if not path.is_file():
+                raise ValueError(f"task file {task} does not exist; give a task YAML or a registered lm_eval task name")
+            refuse_code(path)
+
+
+def refuse_code(path: Path, _seen: frozenset[Path] = frozenset()) -> None:
+    """ValueError when the task YAML ``path``, or a file it ``include``s, names Python code
+    (``!function``, or any other tag a safe YAML loader does not know)."""
+    path = path.resolve()
+    if path in _seen:
+        return
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.constructor.ConstructorError as exc:
+        tag = getattr(exc, "problem", "") or str(exc)
+        raise ValueError(f"task file {path} names Python code ({tag.strip()}): rayprune runs no code from task "
+                         f"files; use a task without custom functions, or register it with lm_eval yourself after "
+                         f"reading its code") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ValueError(f"task file {path} cannot be read as YAML ({exc}); fix or replace it") from None
+    include = config.get("include") if isinstance(config, dict) else None
+    if isinstance(include, str) and (path.parent / include).is_file():
+        refuse_code(path.parent / include, _seen | {path})
+
+
+@contextlib.contextmanager
+def sandboxed_templates(utils: Any) -> Iterator[None]:
+    """Render lm_eval's Jinja templates (``utils.env``) in an immutable sandbox while inside."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    original = utils.env
+    sandbox = ImmutableSandboxedEnvironment(loader=original.loader, undefined=original.undefined,
+                                            keep_trailing_newline=original.keep_trailing_newline)
+    sandbox.filters.update(original.filters)
+    utils.env = sandbox
+    try:
+        yield
+    finally:
+        utils.env = original
 
 
 def task_spec(task: str) -> str | dict[str, Any]:
@@ -49,9 +96,10 @@ def task_spec(task: str) -> str | dict[str, Any]:
         return task
     if not path.is_file():
         raise ValueError(f"task file {task} does not exist; give a task YAML or a registered lm_eval task name")
+    refuse_code(path)
     from lm_eval.tasks._yaml_loader import load_yaml
 
-    config = load_yaml(path, resolve_func=True)
+    config = load_yaml(path, resolve_func=False)  # refuse_code: there is no function to resolve
     files = (config.get("dataset_kwargs") or {}).get("data_files")
     if files is not None:
         def absolute(name: str) -> str:
@@ -71,6 +119,7 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
               batch_size: int = 1, limit: int | None = None, seed: int = 1234) -> dict[str, dict[str, float]]:
     """Zero-shot metrics per task: ``{task: {"acc": x, "acc_stderr": s, ...}}`` (numbers only)."""
     lm_eval = _lm_eval()
+    from lm_eval import utils
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
@@ -78,9 +127,10 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
     manager = TaskManager(include_defaults=any(isinstance(s, str) for s in specs))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
-        output = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=0, limit=limit,
-                                         log_samples=False, random_seed=seed, numpy_random_seed=seed,
-                                         torch_random_seed=seed, fewshot_random_seed=seed)
+        with sandboxed_templates(utils):
+            output = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=0, limit=limit,
+                                             log_samples=False, random_seed=seed, numpy_random_seed=seed,
+                                             torch_random_seed=seed, fewshot_random_seed=seed)
     except KeyError as exc:  # an unknown task name
         raise ValueError(f"zero-shot task: {exc.args[0] if exc.args else exc}") from None
     results: dict[str, dict[str, float]] = {}

@@ -12,14 +12,15 @@ def family(request) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray session for the whole test run (ray.init costs ~10 s here)."""
+    """One local Ray session for the whole test run (ray.init costs ~10 s here), started the way
+    ``rayprune run`` starts its private session: token authentication, loopback only."""
     import os
 
     import ray
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=2, include_dashboard=False,
-                 object_store_memory=200 * 1024 * 1024, namespace="rayprune-tests")
+    from cluster.session import connect
+
+    os.environ.pop("RAY_ADDRESS", None)
+    connect(num_cpus=2, namespace="rayprune-tests")
     yield ray
     ray.shutdown()

@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
@@ -99,6 +100,7 @@ class OptunaSearcher(Searcher):
         import optuna
         from optuna.storages import InMemoryStorage
         from optuna.storages.journal import JournalFileBackend, JournalStorage
+        from optuna.storages.journal._base import BaseJournalSnapshot
         from optuna.trial import TrialState, create_trial
 
         from .band_sampler import BandSampler, distributions
@@ -108,7 +110,12 @@ class OptunaSearcher(Searcher):
             storage = InMemoryStorage()
         else:
             self.storage_path.parent.mkdir(parents=True, exist_ok=True)
-            storage = JournalStorage(JournalFileBackend(str(self.storage_path)))
+            os.close(os.open(self.storage_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o600))  # owner only
+            backend = JournalFileBackend(str(self.storage_path))
+            # The file journal is JSON lines; a snapshot backend would unpickle what it reads back.
+            if isinstance(backend, BaseJournalSnapshot):
+                raise RuntimeError("this Optuna's file journal restores pickled snapshots; pin optuna==5.0.0")
+            storage = JournalStorage(backend)
         study = optuna.create_study(storage=storage, study_name=self.study_name, directions=self._directions(),
                                     sampler=optuna.samplers.RandomSampler(self.seed), load_if_exists=True)
         trials = study.get_trials(deepcopy=False)

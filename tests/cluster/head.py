@@ -1,4 +1,4 @@
-"""A private Ray head for tests: its own temp dir, free ports, dashboard on 127.0.0.1.
+"""A private Ray head for tests: its own temp dir and token, free ports, every socket on 127.0.0.1.
 
 It is stopped by the PIDs of its own processes (every one of them names the head's temp dir on its
 command line), never with ``ray stop``, which would kill every Ray on the machine.
@@ -7,6 +7,7 @@ command line), never with ``ray stop``, which would kill every Ray on the machin
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -32,8 +33,22 @@ class LocalHead:
         self.temp_dir = Path(tempfile.mkdtemp(prefix="rph-", dir="/tmp"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.num_cpus = num_cpus
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        self.env.pop("RAY_ADDRESS", None)
+        # Token authentication with a token of its own (`ray start` needs one before it starts), and
+        # Ray's single-machine mode, without which --node-ip-address=127.0.0.1 becomes the routable IP.
+        self.token = secrets.token_hex(32)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token,
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN_PATH"):
+            self.env.pop(name, None)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a client (JobSubmissionClient) to this head."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @property
+    def gcs_address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
 
     @property
     def dashboard_url(self) -> str:
@@ -68,7 +83,8 @@ class LocalHead:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{self.dashboard_url}/api/version", timeout=2):
+                request = urllib.request.Request(f"{self.dashboard_url}/api/version", headers=self.headers)
+                with urllib.request.urlopen(request, timeout=2):
                     return
             except OSError:
                 time.sleep(0.5)

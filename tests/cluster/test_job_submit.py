@@ -71,7 +71,10 @@ def test_job_submission_client(head, campaign_config):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
     config = campaign_config("client")
-    client = JobSubmissionClient(head.dashboard_url)
+    refused = JobSubmissionClient.__new__(JobSubmissionClient)  # (the constructor itself calls the head)
+    with pytest.raises(Exception, match="(?i)unauthori[sz]ed|authentication|401"):
+        refused.__init__(head.dashboard_url, headers={"Authorization": "Bearer " + "0" * 64})
+    client = JobSubmissionClient(head.dashboard_url, headers=head.headers)
     job = client.submit_job(entrypoint=" ".join(entrypoint(config)), runtime_env={"working_dir": str(REPO)})
     deadline = time.monotonic() + 600
     while (status := client.get_job_status(job)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
@@ -81,3 +84,22 @@ def test_job_submission_client(head, campaign_config):
     assert status == JobStatus.SUCCEEDED, logs[-3000:]
     assert "masks from" in logs  # one line per result when no progress bar is shown
     assert_complete(config.parent / "runs" / "client")
+
+
+def test_joining_a_cluster_without_its_token_says_where_the_token_goes(head, campaign_config, tmp_path):
+    env = {k: v for k, v in head.env.items() if not k.startswith("RAY_AUTH")}
+    env.update(RAY_ADDRESS=head.gcs_address, HOME=str(tmp_path))  # no ~/.ray/auth_token either
+    done = subprocess.run(entrypoint(campaign_config("no-token")), env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "requires token authentication and this process has no token" in done.stderr
+    assert "RAY_AUTH_TOKEN" in done.stderr and "ray get-auth-token" in done.stderr
+
+
+def test_a_wrong_token_is_named_in_the_error(head, monkeypatch):
+    from cluster.auth import ClusterAuthError, check_cluster_access, probe_gcs
+
+    assert probe_gcs(head.gcs_address, head.token) == "ok"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "f" * 64)
+    with pytest.raises(ClusterAuthError, match="the token from RAY_AUTH_TOKEN was refused"):
+        check_cluster_access(head.gcs_address)
