@@ -9,31 +9,22 @@ uses for the campaign's held-out figures.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+import search_spaces
 
 from .engine import Score
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["heldout_score", "heldout_windows", "perplexity"]
+__all__ = ["heldout_score", "perplexity"]
 
 #: Tokens per chunk of the LM head + cross-entropy (bounds the logits buffer to chunk x vocab).
 LOSS_CHUNK_TOKENS = 512
-
-
-def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, sequences: int, length: int,
-                    seed: int) -> np.ndarray:
-    """The evaluation windows a campaign with these ``data.evaluation`` settings uses: drawn from the
-    corpus's test split, int64 of shape (sequences, length)."""
-    from .corpus import load_documents
-    from .windows import token_windows
-
-    return token_windows(tokenizer, load_documents(corpus, "test"), sequences, length, seed, what="evaluation")
 
 
 def heldout_score(model: PreTrainedModel, windows: np.ndarray, *, batch_size: int = 4) -> Score:
@@ -59,8 +50,5 @@ def heldout_score(model: PreTrainedModel, windows: np.ndarray, *, batch_size: in
 
 
 def perplexity(score: Score) -> float:
-    """exp(mean NLL); inf when the mean overflows, NaN without tokens."""
-    if score.tokens <= 0 or math.isnan(score.nll_sum):
-        return math.nan
-    mean = score.nll_sum / score.tokens
-    return math.exp(mean) if mean < 700 else math.inf
+    """exp(mean NLL) of a held-out score (:func:`search_spaces.perplexity`)."""
+    return search_spaces.perplexity(score.nll_sum, score.tokens)

@@ -1,10 +1,9 @@
 """Leaf value checks of the campaign config and the schema table that binds them to its fields.
 
-A leaf check takes ``(value, dotted field)`` and returns the clean value or raises :class:`_Bad`
-(reason; fix). :data:`_SCHEMA` maps every section of :class:`~orchestrator.config.Config` to its
-dataclass and every key to its check or subsection; ``orchestrator.config._build`` walks it.
-This module imports the dataclasses from :mod:`orchestrator.config`, which imports this module
-inside its functions only, so either can be imported first.
+A leaf check takes ``(value, dotted field)`` and returns the clean value or raises :class:`BadValue`
+(reason; fix). :data:`SCHEMA` maps every section of :class:`~orchestrator.config.Config` to its
+dataclass and every key to its check or subsection; ``orchestrator.config_load._build`` walks it.
+This module imports from :mod:`orchestrator.config` only.
 """
 
 from __future__ import annotations
@@ -18,8 +17,8 @@ from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataCo
                      WindowsConfig)
 
 
-# ---- leaf checks: return the clean value or raise _Bad(reason; fix) -----------------------------
-class _Bad(Exception):
+# ---- leaf checks: return the clean value or raise BadValue(reason; fix) --------------------------
+class BadValue(Exception):
     """A leaf value is wrong; the message says why and how to fix it."""
 
 
@@ -36,9 +35,9 @@ def _number(value: Any, path: str, example: str) -> float:
     if isinstance(value, str) and _EXPONENT.match(value):
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _Bad(f"is not a number; use e.g. {path}={example}")
+        raise BadValue(f"is not a number; use e.g. {path}={example}")
     if value != value or value in (float("inf"), float("-inf")):
-        raise _Bad(f"is not a finite number; use e.g. {path}={example}")
+        raise BadValue(f"is not a finite number; use e.g. {path}={example}")
     return float(value)
 
 
@@ -47,7 +46,7 @@ def _string(example: str) -> Check:
         if _is_int(value):  # YAML reads a bare 2024 as an int
             value = str(value)
         if not isinstance(value, str) or not value.strip():
-            raise _Bad(f"is not a non-empty string; use e.g. {path}={example}")
+            raise BadValue(f"is not a non-empty string; use e.g. {path}={example}")
         return value
 
     return check
@@ -56,7 +55,7 @@ def _string(example: str) -> Check:
 def _name(value: Any, path: str) -> str:
     value = _string("demo")(value, path)
     if not _NAME.match(value):
-        raise _Bad(f"is not a usable directory name; use letters, digits, '.', '_', '-', e.g. {path}=demo")
+        raise BadValue(f"is not a usable directory name; use letters, digits, '.', '_', '-', e.g. {path}=demo")
     return value
 
 
@@ -68,7 +67,7 @@ def _int(minimum: int, example: int, *, optional: bool = False) -> Check:
             return None
         if not _is_int(value) or value < minimum:
             fix = f"use e.g. {path}={example}" + (f" or {path}=null" if optional else "")
-            raise _Bad(f"is not {word}; {fix}")
+            raise BadValue(f"is not {word}; {fix}")
         return value
 
     return check
@@ -79,7 +78,7 @@ def _float(minimum: float, example: str, *, strict: bool) -> Check:
         number = _number(value, path, example)
         if number < minimum or (strict and number == minimum):
             word = ">" if strict else ">="
-            raise _Bad(f"must be {word} {minimum:g}; use e.g. {path}={example}")
+            raise BadValue(f"must be {word} {minimum:g}; use e.g. {path}={example}")
         return number
 
     return check
@@ -88,8 +87,8 @@ def _float(minimum: float, example: str, *, strict: bool) -> Check:
 def _fraction(value: Any, path: str) -> float:
     number = _number(value, path, "0.1")
     if not 0.0 < number < 1.0:
-        raise _Bad(f"is not strictly between 0 and 1 (the fraction of parameters to remove); "
-                   f"use e.g. {path}=0.1")
+        raise BadValue(f"is not strictly between 0 and 1 (the fraction of parameters to remove); "
+                      f"use e.g. {path}=0.1")
     return number
 
 
@@ -107,47 +106,47 @@ def _split(value: Any, path: str) -> tuple[float, float, float] | None:
     try:
         shares = tuple(float(x) for x in parts)
     except (TypeError, ValueError):
-        raise _Bad(f"is not a split; use e.g. {path}=44:52:4 (blocks : MLP width : heads)") from None
+        raise BadValue(f"is not a split; use e.g. {path}=44:52:4 (blocks : MLP width : heads)") from None
     total = sum(shares)
     if abs(total - 100) < 1e-6:
         shares = tuple(x / 100 for x in shares)
     if len(shares) != 3 or any(x < 0 for x in shares) or abs(sum(shares) - 1) > 1e-6:
-        raise _Bad(f"must be three non-negative shares summing to 1 (or 100); use e.g. {path}=44:52:4")
+        raise BadValue(f"must be three non-negative shares summing to 1 (or 100); use e.g. {path}=44:52:4")
     return shares  # type: ignore[return-value]
 
 
 def _bool(value: Any, path: str) -> bool:
     if not isinstance(value, bool):
-        raise _Bad(f"is not true or false; use e.g. {path}=false")
+        raise BadValue(f"is not true or false; use e.g. {path}=false")
     return value
 
 
 def _gpus(value: Any, path: str) -> float:
     number = _float(0.0, "1", strict=False)(value, path)
     if number > 1 and not number.is_integer():
-        raise _Bad(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
+        raise BadValue(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
     return number
 
 
 def _actors(value: Any, path: str) -> int | str:
     if value == "auto" or (_is_int(value) and value >= 1):
         return value
-    raise _Bad(f"is not a positive integer or 'auto'; use e.g. {path}=2 or {path}=auto")
+    raise BadValue(f"is not a positive integer or 'auto'; use e.g. {path}=2 or {path}=auto")
 
 
 def _method(value: Any, path: str) -> str:
     use = ", ".join(IMPLEMENTED_METHODS)
     if value not in METHODS:
-        raise _Bad(f"is not a search method; use one of {', '.join(METHODS)} ({use} implemented)")
+        raise BadValue(f"is not a search method; use one of {', '.join(METHODS)} ({use} implemented)")
     if value not in IMPLEMENTED_METHODS:
-        raise _Bad(f"is not implemented yet; use {use}")
+        raise BadValue(f"is not implemented yet; use {use}")
     return value
 
 
 def _one_of(options: tuple[str, ...]) -> Check:
     def check(value: Any, path: str) -> str:
         if value not in options:
-            raise _Bad(f"is not one of {', '.join(options)}; use e.g. {path}={options[0]}")
+            raise BadValue(f"is not one of {', '.join(options)}; use e.g. {path}={options[0]}")
         return value
 
     return check
@@ -163,7 +162,7 @@ def _order(value: Any, path: str) -> tuple[str, ...] | None:
         return None
     parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else value
     if not isinstance(parts, (list, tuple)) or sorted(map(str, parts)) != sorted(STAGES):
-        raise _Bad(f"must name each of {', '.join(STAGES)} once; use e.g. {path}=blocks,mlp,heads")
+        raise BadValue(f"must name each of {', '.join(STAGES)} once; use e.g. {path}=blocks,mlp,heads")
     return tuple(str(p) for p in parts)
 
 
@@ -176,7 +175,7 @@ def _optional_speedup(value: Any, path: str) -> float | None:
         return None
     number = _number(value, path, "1.3")
     if not number > 1.0:
-        raise _Bad(f"is not above 1 (dense latency / pruned latency); use e.g. {path}=1.3")
+        raise BadValue(f"is not above 1 (dense latency / pruned latency); use e.g. {path}=1.3")
     return number
 
 
@@ -185,14 +184,14 @@ def _windows_file(value: Any, path: str) -> str | None:
         return None
     value = _string("runs/other/calibration.parquet")(value, path)
     if not Path(value).is_file():
-        raise _Bad(f"is not an existing file (relative to {os.getcwd()}); point it at a Parquet file of "
-                   f"token windows, e.g. another run's calibration.parquet, or remove the key")
+        raise BadValue(f"is not an existing file (relative to {os.getcwd()}); point it at a Parquet file of "
+                      f"token windows, e.g. another run's calibration.parquet, or remove the key")
     return value
 
 
 def _no_windows(value: Any, path: str) -> None:
     if value is not None:
-        raise _Bad("is not supported: evaluation windows are always drawn from data.corpus; remove the key")
+        raise BadValue("is not supported: evaluation windows are always drawn from data.corpus; remove the key")
     return None
 
 
@@ -203,7 +202,7 @@ def _optional_string(value: Any, path: str) -> str | None:
 # ---- the schema: section -> (dataclass, {key: check or subsection}) -----------------------------
 Section = tuple[type, dict[str, Any]]
 _WINDOWS: dict[str, Any] = {"sequences": _int(1, 8), "length": _int(1, 128), "seed": _int(0, 0)}
-_SCHEMA: Section = (Config, {
+SCHEMA: Section = (Config, {
     "name": _name,
     "model": _string("smollm2-135m"),
     "data": (DataConfig, {

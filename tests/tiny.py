@@ -121,6 +121,6 @@ def tiny_overrides(setup: dict, name: str, **overrides) -> list[str]:
 
 def tiny_campaign_config(setup: dict, name: str, **overrides):
     """The validated config of ``tiny_overrides(setup, name, **overrides)``."""
-    from orchestrator.config import load_config
+    from orchestrator.config_load import load_config
 
     return load_config(None, tiny_overrides(setup, name, **overrides))

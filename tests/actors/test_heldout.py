@@ -10,8 +10,9 @@ import torch
 from actors.engine import Engine, Score
 from actors.export import export_compact, load_pruned
 from actors.forward import LeanDecoder
-from actors.heldout import heldout_score, heldout_windows, perplexity
+from actors.heldout import heldout_score, perplexity
 from actors.surgery import reorder_by_l1_
+from orchestrator.data.windows import heldout_windows
 from search_spaces import Mask
 from tests.tiny import char_tokenizer, save_tiny, tiny_arch, tiny_model, write_corpus
 
@@ -27,7 +28,7 @@ def windows(tmp_path_factory):
 def engine_score(family: str, mask: Mask, windows) -> Score:
     arch = tiny_arch(family)
     decoder = LeanDecoder(reorder_by_l1_(tiny_model(family), arch), arch)
-    return Engine(decoder, batch_size=2).evaluate(torch.as_tensor(windows), [mask])[0]
+    return Engine(decoder, batch_size=2).score_masks(torch.as_tensor(windows), [mask])[0]
 
 
 def test_windows_come_from_the_test_split(windows, tmp_path):

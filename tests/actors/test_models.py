@@ -216,9 +216,9 @@ def test_converted_smollm2_matches_preset_and_pinned_figures(smollm2_dir):
 
     import torch
 
-    from actors.corpus import load_documents
     from actors.models import load_model, load_tokenizer
-    from actors.windows import token_windows
+    from orchestrator.data.corpus import load_documents
+    from orchestrator.data.windows import token_windows
 
     config = json.loads((smollm2_dir / "config.json").read_text())
     preset = PRESETS["smollm2-135m"]

@@ -18,9 +18,8 @@ from orchestrator.config import (
     DataConfig,
     SearchConfig,
     WindowsConfig,
-    dump_yaml,
-    load_config,
 )
+from orchestrator.config_load import dump_yaml, load_config
 
 SMOLLM2: dict[str, Any] = {  # config.json of SmolLM2-135M, the fields Arch reads
     "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.config import ConfigError, dump_yaml, load_config
+from orchestrator.config import ConfigError
+from orchestrator.config_load import dump_yaml, load_config
 from orchestrator.search import MultiPrunerSearcher, make_searcher
 from orchestrator.search.optuna_search import OptunaSearcher
 from tests.orchestrator.test_config import SMOLLM2

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, SprintConfig, dump_yaml, load_config
+from orchestrator.config import ConfigError, SprintConfig
+from orchestrator.config_load import dump_yaml, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["name=s", "model=m", "search.method=sprint"]

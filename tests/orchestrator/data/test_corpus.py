@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from actors.corpus import CorpusError, load_documents
 from actors.models import cache_dir
-from actors.windows import token_windows
+from orchestrator.data.corpus import CorpusError, load_documents
+from orchestrator.data.windows import token_windows
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""Token windows drawn from documents, their fingerprint, and their Parquet form.
+"""Token windows drawn from documents, their fingerprint, and their Parquet form; the held-out
+evaluation windows of a campaign.
 
 Windows are stored as Parquet, one row per window, column ``input_ids``. pyarrow loads inside
 functions; transformers is only named in type hints.
@@ -8,18 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from .corpus import CorpusError
+from ..files import write_via
+from .corpus import CorpusError, load_documents
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["read_windows", "token_windows", "windows_fingerprint", "write_windows"]
+__all__ = ["heldout_windows", "read_windows", "token_windows", "windows_fingerprint", "write_windows"]
 
 
 def token_windows(
@@ -51,6 +52,13 @@ def token_windows(
     gaps = np.sort(rng.integers(0, stream.size - needed, size=sequences, endpoint=True))
     offsets = gaps + np.arange(sequences) * length  # (sequences,), increasing, windows disjoint
     return stream[offsets[:, None] + np.arange(length)]  # (sequences, length)
+
+
+def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, sequences: int, length: int,
+                    seed: int) -> np.ndarray:
+    """The evaluation windows a campaign with these ``data.evaluation`` settings uses: drawn from the
+    corpus's test split, int64 of shape (sequences, length)."""
+    return token_windows(tokenizer, load_documents(corpus, "test"), sequences, length, seed, what="evaluation")
 
 
 def _token_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]) -> np.ndarray:
@@ -102,14 +110,8 @@ def write_windows(path: str | os.PathLike[str], windows: np.ndarray) -> None:
     rows, length = array.shape
     offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * length)
     column = pa.ListArray.from_arrays(offsets, pa.array(array.reshape(-1).astype(np.int32)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        pq.write_table(pa.table({"input_ids": column}), temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    table = pa.table({"input_ids": column})
+    write_via(path, lambda handle: pq.write_table(table, handle))
 
 
 def read_windows(path: str | os.PathLike[str]) -> np.ndarray:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.wikitext import clean_wikitext
+from orchestrator.data.wikitext import clean_wikitext
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,8 @@ A corpus is named by a *spec*:
 
 All text is read through ``datasets`` (the ``text`` builder for local files, ``load_dataset`` for hub
 ids), so a laptop run and a cluster run share one code path. datasets loads inside functions.
-Wikipedia markup is cleaned by :mod:`actors.wikitext`; token windows are drawn by :mod:`actors.windows`.
+Wikipedia markup is cleaned by :mod:`orchestrator.data.wikitext`; token windows are drawn by
+:mod:`orchestrator.data.windows`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
-import uuid
 from pathlib import Path
 
-from .models import cache_dir
+from actors.models import cache_dir
+
+from ..files import atomic_write
 from .wikitext import _read_articles, clean_wikitext
 
 __all__ = ["CORPUS_PRESETS", "CorpusError", "load_documents"]
@@ -37,7 +38,7 @@ SPLITS = ("train", "test")
 TRAIN_FRACTION = 0.9  # position splits: the first 90% trains, the last 10% tests
 WIKI_TEST_EVERY = 5  # wikipedia: every 5th article in title order is held out
 WIKI_MIN_CHARS = 200  # wikipedia: shorter cleaned articles (stubs, near-empty pages) are dropped
-_WIKI_VERSION = 1  # bump when the cleaning (actors/wikitext.py) changes, so cached text is rebuilt
+_WIKI_VERSION = 1  # bump when the cleaning (orchestrator/data/wikitext.py) changes, so cached text is rebuilt
 
 
 class CorpusError(ValueError):
@@ -162,13 +163,6 @@ def _wikipedia(split: str) -> list[str]:
         for index, (_, text) in enumerate(articles):
             parts["test" if index % WIKI_TEST_EVERY == WIKI_TEST_EVERY - 1 else "train"].append(text)
         for name, texts in parts.items():
-            _write_atomic(folder / f"{name}.txt", "\n\n".join(texts) + "\n")
-        _write_atomic(stamp_file, stamp)  # last: the stamp vouches for both files
+            atomic_write(folder / f"{name}.txt", "\n\n".join(texts) + "\n")
+        atomic_write(stamp_file, stamp)  # last: the stamp vouches for both files
     return [a.strip() for a in _read_text(folder / f"{split}.txt", "paragraph") if a.strip()]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)

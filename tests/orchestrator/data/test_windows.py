@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.corpus import CorpusError
-from actors.windows import read_windows, token_windows, windows_fingerprint, write_windows
+from orchestrator.data.corpus import CorpusError
+from orchestrator.data.windows import read_windows, token_windows, windows_fingerprint, write_windows
 
 
 class CharTokenizer:

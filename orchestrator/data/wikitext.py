@@ -1,6 +1,6 @@
 """MediaWiki markup to plain prose: reading a ``.xml.bz2`` dump and cleaning each article's wikitext.
 
-Used by the ``wikipedia`` corpus preset (:mod:`actors.corpus`); bump its ``_WIKI_VERSION`` when the
+Used by the ``wikipedia`` corpus preset (:mod:`orchestrator.data.corpus`); bump its ``_WIKI_VERSION`` when the
 cleaning here changes, so cached text is rebuilt.
 """
 

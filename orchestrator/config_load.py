@@ -1,0 +1,260 @@
+"""Loading a campaign config: read the YAML, apply overrides, validate, and dump the resolved config.
+
+Contract of :func:`load_config`:
+
+- every problem of a config is found in one pass and reported in ONE :class:`ConfigError`, one line
+  per problem, each naming the dotted field, the bad value and the fix;
+- unknown keys are errors at every level (with the closest valid key suggested);
+- every key can be overridden as ``a.b=value``; the value is parsed as YAML, so numbers, booleans and
+  ``null`` work; overriding an unknown key is an error like any other;
+- the resolved config written by :func:`dump_yaml` loads back to an equal :class:`Config`.
+
+Relative paths (``data.calibration.windows``, ``output``) are relative to the working directory
+the campaign runs in, as for any command-line tool. The config itself (the frozen dataclasses and
+:class:`ConfigError`) is :mod:`orchestrator.config`; the leaf value checks and the schema table
+live in :mod:`orchestrator.config_checks`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from search_spaces import Arch, UnsupportedArchitecture
+from search_spaces.budget import check_multipruner, family_defaults
+from search_spaces.mask_space import check_optuna
+
+from .config import Config, ConfigError
+from .config_checks import SCHEMA, BadValue, Section
+from .files import atomic_write
+from .storage import uri_problem, uri_scheme
+
+
+# ---- walking the schema (config_checks.SCHEMA) --------------------------------------------------
+def _default(cls: type, defaults: Any, key: str) -> Any:
+    """Default of ``cls.key``: from the parent's default instance, else the dataclass; MISSING if none."""
+    if defaults is not None:
+        return getattr(defaults, key)
+    spec = {f.name: f for f in fields(cls)}[key]
+    if spec.default is not MISSING:
+        return spec.default
+    if spec.default_factory is not MISSING:
+        return spec.default_factory()
+    return MISSING
+
+
+def _unknown_key(key: Any, path: str, known: Iterable[str]) -> str:
+    dotted = f"{path}{key}"
+    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {path}{close[0]}?" if close else f"valid keys here: {', '.join(known)}"
+    return f"{dotted}: unknown key; {hint}"
+
+
+def _build(section: Section, raw: Mapping[str, Any], path: str, defaults: Any,
+           problems: list[str], valid: dict[str, Any]) -> Any:
+    """Check ``raw`` against ``section``; return the dataclass, or None if anything was wrong.
+
+    Every problem is appended to ``problems``; every leaf that passed is recorded in ``valid``
+    (dotted field -> clean value) so that cross-field checks can run on a partly broken config.
+    """
+    cls, spec = section
+    problems.extend(_unknown_key(k, path, spec) for k in raw if k not in spec)
+    values: dict[str, Any] = {}
+    ok = True
+    for key, check in spec.items():
+        dotted, default = f"{path}{key}", _default(cls, defaults, key)
+        if isinstance(check, tuple):
+            sub = raw.get(key, {})
+            sub = {} if sub is None else sub
+            if not isinstance(sub, Mapping):
+                problems.append(f"{dotted}: {sub!r} is not a section; write it as a mapping of keys")
+                ok = False
+                continue
+            parent = None if default is MISSING else default
+            values[key] = _build(check, sub, f"{dotted}.", parent, problems, valid)
+            ok = ok and values[key] is not None
+        elif key in raw:
+            try:
+                values[key] = valid[dotted] = check(raw[key], dotted)
+            except BadValue as bad:
+                problems.append(f"{dotted} {raw[key]!r} {bad}")
+                ok = False
+        elif default is MISSING:
+            problems.append(f"{dotted}: missing; it is required, set it in the YAML or as {dotted}=...")
+            ok = False
+        else:
+            values[key] = valid[dotted] = default
+    return cls(**values) if ok else None
+
+
+# ---- cross-field checks -------------------------------------------------------------------------
+def _output_problem(output: str) -> str | None:
+    """Why ``output`` cannot be created and written (None when it can). A URI is checked by its
+    scheme here; the storage itself is opened when the campaign starts (orchestrator/storage.py)."""
+    if uri_scheme(output) is not None:
+        return uri_problem(output)
+    probe = Path(output)
+    try:
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"output: {output!r} cannot be created: {str(probe)!r} is not a directory; choose another output"
+        if not os.access(probe, os.W_OK | os.X_OK):
+            return f"output: {output!r} is not writable ({str(probe)!r} is read-only); choose another output"
+    except OSError as exc:
+        return f"output: {output!r} cannot be checked ({exc}); choose another output"
+    return None
+
+
+def _model_line(model: str, exc: Exception) -> str:
+    """``model: <message>``, naming the model unless the message already does."""
+    return f"model: {exc}" if repr(model) in str(exc) else f"model: {model!r}: {exc}"
+
+
+def _model_problems(model: str, check_model: Callable[[str], dict]) -> tuple[list[str], Arch | None]:
+    """Problems with ``model`` (unreadable config, unsupported family), and its Arch when fine."""
+    try:
+        hf_config = check_model(model)
+    except (ValueError, OSError) as exc:
+        return [_model_line(model, exc)], None
+    try:
+        return [], Arch.from_hf_config(hf_config)
+    except UnsupportedArchitecture as exc:
+        return [_model_line(model, exc)], None
+    except (KeyError, TypeError, ValueError) as exc:
+        return [f"model: {model!r}: its config.json cannot be read as a decoder-only LM ({exc!r}); "
+                f"use a Llama, Mistral or Qwen2 checkpoint"], None
+
+
+def _optuna_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
+    """Optuna settings against the model: a ratio band the repair can always meet."""
+    if "search.target_ratio" not in valid:
+        return []
+    return check_optuna(arch, valid["search.target_ratio"], valid.get("search.ratio_tolerance"),
+                        widths=bool(valid.get("search.widths")),
+                        mlp_group=valid.get("search.mlp_group") or family_defaults(arch).mlp_group,
+                        head_group=valid.get("search.head_group") or 1,
+                        warm_start=valid.get("search.warm_start", "blockpruner"))
+
+
+def _target_problems(valid: dict[str, Any]) -> list[str]:
+    """A stopping point: target_ratio (every method) or target_speedup (sprint only).
+
+    A missing target_ratio is taken out of ``valid`` so that later checks see it as absent.
+    """
+    method, speedup = valid.get("search.method"), valid.get("search.target_speedup")
+    if method is not None and method != "sprint" and speedup is not None:
+        return [f"search.target_speedup {speedup!r}: only search.method=sprint estimates latency; remove it, "
+                f"or use search.method=sprint"]
+    if "search.target_ratio" not in valid or valid["search.target_ratio"] is not None:
+        return []  # given (or given wrong: reported already)
+    valid.pop("search.target_ratio")
+    if method == "sprint" and speedup is not None or "search.target_speedup" not in valid:
+        return []  # a speedup target, or a wrong one that is reported already
+    fix = " or search.target_speedup=1.3 (sprint stops at either)" if method == "sprint" else ""
+    return [f"search.target_ratio: missing; it is required, set it in the YAML or as search.target_ratio=0.1{fix}"]
+
+
+def _multipruner_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
+    """MultiPruner settings against the model: group sizes that divide, a split that sums to 1."""
+    defaults = family_defaults(arch)
+    split = valid.get("search.split") or defaults.split
+    return check_multipruner(arch, split, valid.get("search.mlp_group") or defaults.mlp_group,
+                             valid.get("search.head_group") or defaults.head_group)
+
+
+# ---- raw YAML and overrides ---------------------------------------------------------------------
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError([f"config file {str(path)!r} cannot be read ({exc.strerror}); check the path"]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {exc}"]) from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config file {str(path)!r}: top level is a {type(raw).__name__}; "
+                           f"it must be a mapping (name: ..., model: ..., search: ...)"])
+    return raw
+
+
+def _parse_value(text: str) -> Any:
+    """An override's value as YAML (``0.1``, ``true``, ``null``, ``{a: 1}``); unparsable: the raw text."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _merge(target: dict[str, Any], key: str, value: Any) -> None:
+    if isinstance(value, dict) and isinstance(target.get(key), dict):
+        for sub_key, sub_value in value.items():
+            _merge(target[key], sub_key, sub_value)
+    else:
+        target[key] = value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> str | None:
+    """Set ``a.b=value`` in ``raw`` (in place); return a problem line when it is malformed."""
+    dotted, sep, text = override.partition("=")
+    parts = dotted.strip().split(".")
+    if not sep or not all(parts):
+        return f"override {override!r}: expected key=value, e.g. search.target_ratio=0.1"
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            prefix = ".".join(parts[: depth + 1])
+            return f"override {override!r}: {prefix} is a value ({child!r}), not a section; set {prefix}=... instead"
+        node = child
+    _merge(node, parts[-1], _parse_value(text))
+    return None
+
+
+# ---- public entry points ------------------------------------------------------------------------
+def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
+                check_model: Callable[[str], dict] | None = None) -> Config:
+    """Read, override and validate a campaign config.
+
+    ``path`` None starts from an empty config (everything from ``overrides``). ``check_model``
+    (e.g. ``actors.models.read_model_config``) maps ``model`` to its Hugging Face config dict or
+    raises ValueError; None skips the model checks. Raises one :class:`ConfigError` listing every
+    problem; returns the fully resolved :class:`Config` otherwise.
+    """
+    raw = _read_yaml(path) if path is not None else {}
+    problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
+    valid: dict[str, Any] = {}
+    config = _build(SCHEMA, raw, "", None, problems, valid)
+    problems.extend(_target_problems(valid))
+    if "model" in valid and check_model is not None:
+        model_problems, arch = _model_problems(valid["model"], check_model)
+        problems.extend(model_problems)
+        if arch is not None and valid.get("search.method") == "multipruner":
+            problems.extend(_multipruner_problems(valid, arch))
+        if arch is not None and valid.get("search.method") == "optuna":
+            problems.extend(_optuna_problems(valid, arch))
+    output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
+    if output is not None and (problem := _output_problem(output)):
+        problems.append(problem)
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
+
+
+def to_yaml(config: Config) -> str:
+    """The resolved config as YAML text, headed by the command that runs it."""
+    header = f"# Resolved config of campaign {config.name!r}. Run it with: rayprune run CONFIG.yaml\n"
+    return header + yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def dump_yaml(config: Config, path: str | Path) -> Path:
+    """Write the resolved config to ``path`` atomically (:func:`orchestrator.files.atomic_write`)."""
+    return atomic_write(path, to_yaml(config))
