@@ -6,7 +6,7 @@ base once per batch, keeps the residual stream entering every block where some m
 runs each mask only from its first differing block onward. The result is bit-for-bit what a full
 forward of each mask gives (same operations on the same tensors), at the cost of the masks' suffixes.
 
-``evaluate_naive`` is the reference loop (one full forward per mask) kept for tests and benchmarks.
+``score_masks_naive`` is the reference loop (one full forward per mask) kept for tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class Engine:
         for start in range(0, windows.shape[0], self.batch_size):
             yield windows[start : start + self.batch_size]
 
-    def evaluate(self, windows: torch.Tensor, masks: Sequence[Mask], base: Mask | None = None) -> list[Score]:
+    def score_masks(self, windows: torch.Tensor, masks: Sequence[Mask], base: Mask | None = None) -> list[Score]:
         """Scores of ``masks`` on ``windows`` (N, T); with ``base``, suffixes only.
 
         ``base`` need not be one of ``masks``; any mask may differ from it anywhere (it then simply
@@ -113,7 +113,7 @@ class Engine:
         with _intra_op_threads(1):
             return dict(zip(indices, self._pool.map(_in_inference_mode(fn), indices)))
 
-    def evaluate_naive(self, windows: torch.Tensor, masks: Sequence[Mask]) -> list[Score]:
+    def score_masks_naive(self, windows: torch.Tensor, masks: Sequence[Mask]) -> list[Score]:
         """Reference loop: one full forward per mask, mask in the outer loop."""
         results = []
         with torch.inference_mode():

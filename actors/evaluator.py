@@ -73,7 +73,7 @@ class Evaluator:
         from search_spaces import Mask
 
         parsed = [Mask.from_json(m) for m in masks]
-        scores = self.engine.evaluate(self.windows[window_set], parsed, None if base is None else Mask.from_json(base))
+        scores = self.engine.score_masks(self.windows[window_set], parsed, None if base is None else Mask.from_json(base))
         return [{"nll_sum": s.nll_sum, "tokens": s.tokens, "seconds": s.seconds, "worker": self.worker}
                 for s in scores]
 

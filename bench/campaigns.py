@@ -12,7 +12,6 @@ slows all alike). SPRINT is compared with BlockPruner by bench/sprint_vs_blockpr
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -23,8 +22,9 @@ from actors.export import load_pruned
 from actors.latency import measure_latency
 from actors.models import load_model, resolve_model
 from orchestrator.campaign import Campaign
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from orchestrator.report import step_label
+from orchestrator.rundir import RunDir
 from results import write_section
 from search_spaces.latency import Scenario
 
@@ -40,7 +40,7 @@ def run(method: str, target: float, extra: list[str] = ()) -> dict:
                  f"output={run_dir}", *extra]
     t0 = time.perf_counter()
     result = Campaign(load_config(ROOT / "configs" / "demo.yaml", overrides), progress=False).run()
-    path = json.loads((result.run_dir / "path.json").read_text())
+    path = RunDir(result.run_dir).read_path()
     path["wall"] = time.perf_counter() - t0
     path["run_dir"] = result.run_dir
     return path

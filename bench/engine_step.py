@@ -25,13 +25,13 @@ import time
 
 import torch
 
-from actors.corpus import load_documents
 from actors.engine import Engine
 from actors.forward import LeanDecoder
 from actors.models import load_model, load_tokenizer, resolve_model
 from actors.reference import stock_masked, stock_nll
 from actors.surgery import reorder_by_l1_
-from actors.windows import token_windows
+from orchestrator.data.corpus import load_documents
+from orchestrator.data.windows import token_windows
 from results import write_section
 from search_spaces import Arch, Block, Mask
 
@@ -94,12 +94,12 @@ def run_step(args, model, arch: Arch, windows: torch.Tensor, candidates: list[tu
         record(method, nlls, time.perf_counter() - t0)
 
     for eng in (streamed, engine):
-        eng.evaluate(windows[: args.batch_size], masks[:2], base=Mask())  # warm-up (allocator, rope)
+        eng.score_masks(windows[: args.batch_size], masks[:2], base=Mask())  # warm-up (allocator, rope)
     as_pairs = lambda scores: [(s.nll_sum, s.tokens) for s in scores]  # noqa: E731
-    timed("engine", lambda: as_pairs(streamed.evaluate(windows, masks, base=Mask())))
-    timed("engine-1stream", lambda: as_pairs(engine.evaluate(windows, masks, base=Mask())))
-    timed("naive-lean", lambda: as_pairs(engine.evaluate_naive(windows, masks)))
-    timed("naive-streams", lambda: as_pairs(streamed.evaluate(windows, masks, base=None)))  # no prefix reuse
+    timed("engine", lambda: as_pairs(streamed.score_masks(windows, masks, base=Mask())))
+    timed("engine-1stream", lambda: as_pairs(engine.score_masks(windows, masks, base=Mask())))
+    timed("naive-lean", lambda: as_pairs(engine.score_masks_naive(windows, masks)))
+    timed("naive-streams", lambda: as_pairs(streamed.score_masks(windows, masks, base=None)))  # no prefix reuse
     if not args.skip_stock:
         def stock():
             out = []

@@ -24,11 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from actors.export import load_pruned  # noqa: E402
-from actors.heldout import heldout_score, heldout_windows, perplexity  # noqa: E402
+from actors.heldout import heldout_score, perplexity  # noqa: E402
 from actors.latency import measure_latency  # noqa: E402
 from actors.models import load_model, load_tokenizer, resolve_model  # noqa: E402
-from orchestrator.report import final_mask, run_config  # noqa: E402
-from orchestrator.sprint_campaign import export_step  # noqa: E402
+from orchestrator.data.windows import heldout_windows  # noqa: E402
+from orchestrator.rundir import RunDir, final_mask  # noqa: E402
+from orchestrator.export import export_run  # noqa: E402
 from search_spaces import Arch, Mask  # noqa: E402
 from search_spaces.latency import LatencyTable, Scenario, speedup  # noqa: E402
 
@@ -42,8 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     run_dir = args.run_dir
-    path = json.loads((run_dir / "path.json").read_text())
-    config = run_config(run_dir)
+    path = RunDir(run_dir).read_path()
+    config = RunDir(run_dir).read_config()
     sprint = path["sprint"]
     table = LatencyTable.from_dict(sprint["latency"])
     scenario = Scenario(sprint["scenario"]["prompt"], sprint["scenario"]["generate"])
@@ -61,13 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
         "dir": run_dir / "model", "mask": final_mask(path), "ratio": path["steps"][-1]["ratio"],
         "heldout": path["heldout"]["pruned_ppl"]}
     for k in args.steps:
-        out = export_step(run_dir, k, run_dir / "bench" / f"step-{k}")
+        out = export_run(run_dir, step=k, out=run_dir / "bench" / f"step-{k}")
         step = path["steps"][k - 1]
         rows[f"sprint (step {k})"] = {"dir": out, "mask": Mask.from_dict(step["mask"]), "ratio": step["ratio"],
                                       "heldout": perplexity(heldout_score(load_pruned(out), windows))}
     for other in args.compare:
-        other_path = json.loads((other / "path.json").read_text())
-        method = run_config(other).get("search", {}).get("method", other.name)
+        other_path = RunDir(other).read_path()
+        method = RunDir(other).read_config().get("search", {}).get("method", other.name)
         rows[f"{method} ({other.name})"] = {"dir": other / "model", "mask": final_mask(other_path),
                                             "ratio": other_path["steps"][-1]["ratio"],
                                             "heldout": other_path["heldout"]["pruned_ppl"]}

@@ -15,7 +15,6 @@ scoring and the export. Then bench/sprint.py measures both compact models agains
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -28,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from actors.models import cache_dir  # noqa: E402
 from orchestrator.campaign import Campaign  # noqa: E402
-from orchestrator.config import load_config  # noqa: E402
+from orchestrator.config_load import load_config  # noqa: E402
+from orchestrator.rundir import RunDir  # noqa: E402
 from results import write_section  # noqa: E402
 
 MARKER = "<!-- sprint_vs_blockpruner -->"
@@ -41,7 +41,7 @@ def campaign(config: str, name: str, overrides: list[str]) -> dict:
     t0 = time.perf_counter()
     result = Campaign(load_config(ROOT / "configs" / config, [f"output={run_dir}", *overrides]), progress=False).run()
     wall = time.perf_counter() - t0
-    path = json.loads((result.run_dir / "path.json").read_text())
+    path = RunDir(result.run_dir).read_path()
     return {"run_dir": result.run_dir, "wall": wall, "path": path}
 
 

@@ -22,10 +22,10 @@ LAYOUTS = [(1, 1), (1, 2), (2, 1)]  # (actors, cpus per actor)
 def main() -> None:
     import ray
 
-    from actors.corpus import load_documents
     from actors.models import load_tokenizer, resolve_model
-    from actors.windows import token_windows
     from cluster.session import connect, start_evaluators
+    from orchestrator.data.corpus import load_documents
+    from orchestrator.data.windows import token_windows
     from orchestrator.dispatch import Dispatcher, Task, balanced_chunks
     from search_spaces import Block, Mask
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 from search_spaces import Arch
 from search_spaces.cost import attn_params, embedding_params, mlp_params
@@ -160,6 +161,34 @@ def plan_campaign(arch: Arch, name: str, method: str, target_ratio: float, token
             naive, engine = naive + a, engine + b
         done += n
     return Plan(name, method, gpus, k, replicas, steps, evaluations, naive / 3600, engine / 3600, detail)
+
+
+def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence[int],
+                hw: Hardware) -> tuple[list[Plan], list[str]]:
+    """The plans of a campaign's ``search`` config on each GPU count, and notes on what was assumed.
+
+    The planning rules: SPRINT and Optuna are planned as BlockPruner (an upper bound for SPRINT,
+    whose candidates cost local forwards; Optuna runs ``search.trials`` full forwards instead of
+    greedy steps); a ``target_speedup`` without a ratio is planned at the ratio whose FLOPs give
+    that speedup; MultiPruner's split and group default to the model family's.
+    """
+    from search_spaces.budget import family_defaults
+
+    defaults = family_defaults(arch)
+    method = search.method if search.method in ("blockpruner", "multipruner") else "blockpruner"
+    target, notes = search.target_ratio, []
+    if target is None:  # a latency target only (SPRINT)
+        target = ratio_for_speedup(arch, search.target_speedup)
+        notes.append(f"search.target_speedup {search.target_speedup:g}x is planned as parameter ratio {target:.3f} "
+                     f"(blocks whose FLOPs give that speedup).")
+    if method != search.method:
+        notes.append(f"search.method {search.method} is planned as BlockPruner, an upper bound: "
+                     + ("SPRINT scores candidates with local forwards on one evaluator instead of full forwards."
+                        if search.method == "sprint" else
+                        f"Optuna runs search.trials ({search.trials}) full forwards instead of greedy steps."))
+    plans = [plan_campaign(arch, model, method, target, tokens, g, hw, search.split or defaults.split,
+                           search.mlp_group or defaults.mlp_group) for g in gpus]
+    return plans, notes
 
 
 def format_plans(plans: list[Plan], tokens: int, hw: Hardware) -> str:

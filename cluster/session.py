@@ -2,37 +2,51 @@
 
 On a cluster (``ray job submit`` sets ``RAY_ADDRESS``) rayprune joins the running cluster. Alone it
 starts a private local session sized for the campaign: explicit CPUs, no dashboard, a small object
-store. It never stops a Ray it did not start.
+store, token authentication, every socket on 127.0.0.1. It never stops a Ray it did not start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import os
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+log = logging.getLogger("rayprune")
 
 #: The object store only carries masks and token windows: 200 MiB is plenty.
 LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024
 
 
 def connect(num_cpus: int | None = None, *, namespace: str = "rayprune") -> bool:
-    """Join ``RAY_ADDRESS`` if set, else start a local session. Returns True if we started it."""
+    """Join ``RAY_ADDRESS`` if set, else start a private local session. Returns True if we started it.
+
+    The private session runs with token authentication and binds every socket to 127.0.0.1
+    (:mod:`cluster.auth`); joining a cluster that refuses our token raises
+    :class:`~cluster.auth.ClusterAuthError`, which says where the token goes.
+    """
     import ray
+
+    from .auth import check_cluster_access, loopback_only, private_session_token
 
     if ray.is_initialized():
         return False
-    if os.environ.get("RAY_ADDRESS"):
+    if address := os.environ.get("RAY_ADDRESS"):
+        check_cluster_access(address)
         ray.init(namespace=namespace, log_to_driver=True)
         return False
-    # A private session on loopback: Ray 2.60's token auth guards shared clusters, not this one.
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-        namespace=namespace,
-        log_to_driver=True,
-    )
+    private_session_token()
+    with loopback_only():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+            namespace=namespace,
+            log_to_driver=True,
+        )
     return True
 
 
@@ -90,3 +104,58 @@ def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, *, ev
     actors = [cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0))
               .remote(num_threads=threads, device_map=device_map, **evaluator_kwargs) for g in groups]
     return Replicas(actors, groups)
+
+
+class PoolSpec(Protocol):
+    """What :func:`evaluator_pool` reads of a campaign's ``cluster`` config."""
+
+    actors: int | str
+    cpus_per_actor: float
+    gpus_per_actor: float
+    placement_timeout_s: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    """Running evaluator replicas that all loaded the same weights (``model_fingerprint``)."""
+
+    actors: list
+    model_fingerprint: str
+
+
+@contextlib.contextmanager
+def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, **evaluator_kwargs: Any) -> Iterator[Pool]:
+    """The one place a campaign's evaluators start and stop.
+
+    Joins ``RAY_ADDRESS`` or starts a private session sized for ``cluster`` (:func:`connect`),
+    places ``cluster.actors`` replicas (``auto``: as many as the free resources hold), checks that
+    every replica loaded the same weights, and on exit frees what it took: the actors and their
+    placement groups on a shared Ray, the whole session if it started one.
+    """
+    import ray
+
+    from .placement import PlacementError, free_replica_slots
+
+    fixed = isinstance(cluster.actors, int)
+    started = connect(num_cpus=max(1, math.ceil(cluster.actors * cluster.cpus_per_actor)) if fixed else os.cpu_count())
+    actors = None
+    try:
+        n_actors = cluster.actors if fixed else free_replica_slots(cluster.cpus_per_actor, cluster.gpus_per_actor)
+        if n_actors < 1:
+            raise PlacementError(f"cluster.actors=auto found no free slot for a replica of "
+                                 f"{cluster.cpus_per_actor} CPU / {cluster.gpus_per_actor} GPU; free resources "
+                                 f"or lower cluster.cpus_per_actor / cluster.gpus_per_actor")
+        actors = start_evaluators(n_actors, cluster.cpus_per_actor, cluster.gpus_per_actor,
+                                  placement_timeout_s=cluster.placement_timeout_s, evaluator_cls=evaluator_cls,
+                                  **evaluator_kwargs)
+        infos = ray.get([a.info.remote() for a in actors])
+        fingerprint = infos[0]["model_fingerprint"]
+        if any(i["model_fingerprint"] != fingerprint for i in infos):
+            raise RuntimeError("evaluator replicas loaded different weights; check the model path on every node")
+        log.info("%d evaluator(s) ready: %s", len(actors), ", ".join(i["worker"] for i in infos))
+        yield Pool(list(actors), fingerprint)
+    finally:
+        if actors is not None and not started:  # a shared Ray outlives us: free what we took
+            actors.shutdown()
+        if started:
+            ray.shutdown()

@@ -19,6 +19,8 @@ from typing import Any, Iterable, Mapping
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .files import write_via
+
 __all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "CorruptPartWarning", "EvalCache", "normalize_row",
            "read_part", "write_part"]
 
@@ -92,38 +94,12 @@ def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ---- parts --------------------------------------------------------------------------------------
-def _fsync_directory(directory: Path) -> None:
-    """Make a rename in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_part(directory: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` as one new part: dot-file in ``directory``, fsync, ``os.replace``, fsync dir.
-
-    A reader never sees a partial part: until the rename the file's name starts with a dot.
-    """
+    """Write ``rows`` as one new part (:func:`orchestrator.files.write_via`: dot-file, fsync, rename,
+    fsync dir). A reader never sees a partial part: until the rename its name starts with a dot."""
     name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    tmp, final = directory / f".{name}.tmp", directory / name
     table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    try:
-        with open(tmp, "wb") as handle:
-            pq.write_table(table, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_directory(directory)
-    return final
+    return write_via(directory / name, lambda handle: pq.write_table(table, handle))
 
 
 def read_part(path: Path) -> list[dict[str, Any]]:

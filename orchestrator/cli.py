@@ -13,22 +13,23 @@ def _run(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
 
     from .campaign import Campaign
-    from .config import load_config
+    from .config_load import load_config
 
     config = load_config(args.config, args.overrides, check_model=read_model_config)
     campaign = Campaign(config, progress=not args.no_progress)
     result = campaign.run()
     print(summary(result.run_dir))
     if campaign.storage.remote:
-        print(f"Mirrored to: {config.output}")
+        print(f"Mirrored to: {campaign.storage.shown}")
     return 0
 
 
 def summary(run_dir: Path) -> str:
     """The removal path and the held-out figures, as printed at the end of a run."""
     from .report import path_table
+    from .rundir import RunDir
 
-    path = json.loads((Path(run_dir) / "path.json").read_text())
+    path = RunDir(run_dir).read_path()
     held, ev = path["heldout"], path["evaluations"]
     final_ratio = path["steps"][-1]["ratio"] if path["steps"] else 0.0
     return "\n".join([
@@ -49,13 +50,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_result, load_target
+    from .eval_model import evaluate_model, format_result, load_target
 
     if args.tasks:
         from actors.zeroshot import check_tasks
 
         check_tasks(args.tasks)  # before minutes of model loading
-    result = evaluate(load_target(args.model_or_run), corpus=args.corpus, sequences=args.sequences,
+    result = evaluate_model(load_target(args.model_or_run), corpus=args.corpus, sequences=args.sequences,
                       length=args.length, seed=args.seed, tasks=args.tasks or (), batch_size=args.batch_size,
                       limit=args.limit)
     print(json.dumps(result) if args.json else format_result(result))
@@ -110,33 +111,17 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
-    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_campaign, ratio_for_speedup
+    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_search
     from search_spaces import Arch
-    from search_spaces.budget import family_defaults
 
-    from .config import load_config
+    from .config_load import load_config
 
     config = load_config(args.config, args.overrides, check_model=read_model_config)
     model = args.as_model or config.model
     arch = Arch.from_hf_config(REFERENCE_MODELS.get(model) or read_model_config(model))
-    search, cal = config.search, config.data.calibration
-    defaults = family_defaults(arch)
+    cal, hw = config.data.calibration, Hardware(tflops=args.tflops, gpu_memory_gb=args.gpu_memory_gb)
     tokens = args.tokens or cal.sequences * cal.length
-    hw = Hardware(tflops=args.tflops, gpu_memory_gb=args.gpu_memory_gb)
-    method = search.method if search.method in ("blockpruner", "multipruner") else "blockpruner"
-    target, notes = search.target_ratio, []
-    if target is None:  # a latency target only (SPRINT)
-        target = ratio_for_speedup(arch, search.target_speedup)
-        notes.append(f"search.target_speedup {search.target_speedup:g}x is planned as parameter ratio {target:.3f} "
-                     f"(blocks whose FLOPs give that speedup).")
-    if method != search.method:
-        notes.append(f"search.method {search.method} is planned as BlockPruner, an upper bound: "
-                     + ("SPRINT scores candidates with local forwards on one evaluator instead of full forwards."
-                        if search.method == "sprint" else
-                        f"Optuna runs search.trials ({search.trials}) full forwards instead of greedy steps."))
-    plans = [plan_campaign(arch, model, method, target, tokens, g, hw,
-                           search.split or defaults.split, search.mlp_group or defaults.mlp_group)
-             for g in args.gpus]
+    plans, notes = plan_search(arch, model, config.search, tokens, args.gpus, hw)
     print(format_plans(plans, tokens, hw))
     for note in notes:
         print(f"note: {note}")
@@ -146,7 +131,7 @@ def _plan(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
 
-    from .config import load_config
+    from .config_load import load_config
     from .tune import run_tune
 
     config = load_config(args.config, args.overrides, check_model=read_model_config)

@@ -31,14 +31,34 @@ class Task:
     base: str | None = None
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
+    timeout_s: float | None = None  # None: the dispatcher's timeout per mask
+
+    def submit(self, actor: Any) -> Any:
+        return actor.evaluate.remote(self.window_set, self.masks, self.base)
+
+    def single(self, mask: str) -> Task:
+        return Task(self.window_set, [mask], self.base, self.attempts, list(self.errors), self.timeout_s)
+
+
+@dataclass
+class Call(Task):
+    """One call of any other evaluator method (``sprint_step``, ``latency_table``): its result is
+    the outcome's ``rows``; it is retried like a task, never split."""
+
+    method: str = ""
+    args: tuple[Any, ...] = ()
+
+    def submit(self, actor: Any) -> Any:
+        return getattr(actor, self.method).remote(*self.args)
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """The result of a task: one row per mask, or the error that made it fail for good."""
+    """The result of a task: one row per mask (a :class:`Call`: its result), or the error that
+    made it fail for good."""
 
     task: Task
-    rows: list[dict[str, Any]] | None
+    rows: Any
     error: str | None = None
 
 
@@ -55,7 +75,16 @@ class Dispatcher:
         self._restarting: dict[Any, Any] = {}  # readiness probe -> actor that Ray is restarting
 
     def _timeout(self, task: Task) -> float:
-        return self.timeout_s * max(1, len(task.masks))
+        return task.timeout_s or self.timeout_s * max(1, len(task.masks))
+
+    def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
+        """``method(*args)`` on the first free evaluator (the same one while it lives, so its memo
+        helps), with the retries of :meth:`run`; RuntimeError once every attempt failed."""
+        outcome = next(iter(self.run([Call("", [], timeout_s=timeout_s, method=method, args=args)])))
+        if outcome.error is not None:
+            raise RuntimeError(f"{method} failed {self.max_attempts} times ({outcome.error}); the evaluators' Ray "
+                               f"logs say why; raise cluster.max_attempts or cluster.eval_timeout_s")
+        return outcome.rows
 
     def run(self, tasks: Sequence[Task]) -> Iterator[Outcome]:
         """Yield an ``Outcome`` per task (or per mask of a split task) as they complete."""
@@ -69,7 +98,7 @@ class Dispatcher:
         while queue or in_flight:
             while queue and idle:
                 actor, task = idle.pop(0), queue.popleft()
-                ref = actor.evaluate.remote(task.window_set, task.masks, task.base)
+                ref = task.submit(actor)
                 in_flight[ref] = (actor, task, time.monotonic())
             if not (in_flight or self._restarting):
                 raise RuntimeError(f"every evaluator died for good; {len(queue)} task(s) left undone. The Ray "
@@ -127,8 +156,7 @@ class Dispatcher:
         task.attempts += 1
         task.errors.append(error)
         if split and len(task.masks) > 1:  # isolate the mask that raises
-            queue.extend(Task(task.window_set, [m], task.base, task.attempts, list(task.errors))
-                         for m in task.masks)
+            queue.extend(task.single(m) for m in task.masks)
         elif task.attempts < self.max_attempts:
             self.resubmissions += 1
             queue.append(task)

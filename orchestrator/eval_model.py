@@ -35,8 +35,10 @@ class Target:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return path.is_dir() and not (path / "config.json").is_file() and (
-        (path / "path.json").is_file() or (path / "config.yaml").is_file())
+    from .rundir import RunDir
+
+    rundir = RunDir(path)
+    return path.is_dir() and not (path / "config.json").is_file() and (rundir.has_path() or rundir.has_config())
 
 
 def _is_export(path: Path) -> bool:
@@ -56,13 +58,13 @@ def load_target(spec: str) -> Target:
     from actors.export import compact_model, load_pruned
     from actors.models import load_model, load_tokenizer, resolve_model
 
-    from .report import final_mask, run_config
-    from .sprint_campaign import step_weights
+    from .rundir import RunDir, final_mask
 
     path = Path(spec).expanduser()
     if _is_run_dir(path):
-        config = run_config(path)
-        run_path = json.loads((path / "path.json").read_text()) if (path / "path.json").is_file() else None
+        rundir = RunDir(path)
+        config = rundir.read_config()
+        run_path = rundir.read_path() if rundir.has_path() else None
         recorded = (run_path or {}).get("heldout")
         if _is_export(path / "model"):
             return Target(load_pruned(path / "model"), load_tokenizer(path / "model"), "run export",
@@ -71,27 +73,28 @@ def load_target(spec: str) -> Target:
             raise ValueError(f"{path} is a run directory without model/, and without the config.yaml model and "
                              f"path.json needed to rebuild it; finish the run first (`rayprune run {path / 'config.yaml'}`)")
         steps = run_path["steps"]
-        tuned = step_weights(path, steps[-1]) if steps else {}  # SPRINT's refits are part of its model
+        tuned = rundir.step_weights(steps[-1]) if steps else {}  # SPRINT's refits are part of its model
         model = compact_model(str(config["model"]), final_mask(run_path), tuned=tuned)
         return Target(model, load_tokenizer(resolve_model(str(config["model"]))), "run (masked in memory)",
-                      f"{config['model']} + final mask of {path / 'path.json'}", _run_evaluation(config), recorded)
+                      f"{config['model']} + final mask of {rundir.path_file}", _run_evaluation(config), recorded)
     if path.is_dir() and _is_export(path):
         return Target(load_pruned(path), load_tokenizer(path), "compact export", str(path))
     source = resolve_model(spec)
     return Target(load_model(source), load_tokenizer(source), "dense", spec)
 
 
-def evaluate(target: Target, *, corpus: str | None = None, sequences: int | None = None,
+def evaluate_model(target: Target, *, corpus: str | None = None, sequences: int | None = None,
              length: int | None = None, seed: int | None = None, tasks: Sequence[str] = (),
              batch_size: int = 4, limit: int | None = None) -> dict[str, Any]:
     """Held-out perplexity, and zero-shot metrics for ``tasks``, as one JSON-ready dict.
 
     Unset settings come from the run's config, else from the config defaults (``DataConfig``).
     """
-    from actors.heldout import heldout_score, heldout_windows, perplexity
+    from actors.heldout import heldout_score, perplexity
     from actors.surgery import count_parameters
 
     from .config import DataConfig
+    from .data.windows import heldout_windows
 
     default = DataConfig()
     base = {"corpus": default.corpus, "sequences": default.evaluation.sequences,

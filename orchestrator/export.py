@@ -18,37 +18,28 @@ from pathlib import Path
 
 from search_spaces import Mask
 
+from .rundir import RunDir, step_entry
+
 
 def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out: str | os.PathLike[str] | None = None,
                dtype: str = "float32") -> Path:
     """Write the model after ``step`` of a run's path (None: the last step) to ``out``."""
     from actors.export import export_compact
 
-    from .report import final_mask, run_config
-    from .sprint_campaign import step_weights
-
-    run_dir = Path(run_dir)
-    if not (run_dir / "path.json").is_file():
-        raise ValueError(f"{run_dir} has no path.json: not a run directory, or its campaign has not finished; "
-                         f"run `rayprune run {run_dir / 'config.yaml'}` to finish it")
-    model = run_config(run_dir).get("model")
+    rundir = RunDir(run_dir)
+    steps = rundir.read_path()["steps"]
+    model = rundir.read_config().get("model")
     if not model:
-        raise ValueError(f"{run_dir / 'config.yaml'} names no model; export with MODEL --pruning-config "
-                         f"{run_dir / 'pruning_config.json'} instead")
-    steps = json.loads((run_dir / "path.json").read_text())["steps"]
+        raise ValueError(f"{rundir.file('config.yaml')} names no model; export with MODEL --pruning-config "
+                         f"{rundir.file('pruning_config.json')} instead")
     last = len(steps)
     step = last if step is None else step
     if not 0 <= step <= last:
-        raise ValueError(f"step {step} is not on the path of {run_dir} (0..{last}); pick one of those")
-    if step == 0:
-        entry: dict = {"mask": Mask().to_dict()}
-    elif "mask" in steps[step - 1]:
-        entry = steps[step - 1]
-    else:  # path.json files older than the per-step "mask" entry
-        entry = {"mask": final_mask({"steps": steps[:step]}).to_dict()}
-    default = run_dir / ("model" if step == last else f"model-step-{step}")
+        raise ValueError(f"step {step} is not on the path of {rundir.path} (0..{last}); pick one of those")
+    entry = step_entry({"steps": steps}, step)
+    default = rundir.file("model" if step == last else f"model-step-{step}")
     return export_compact(str(model), Mask.from_dict(entry["mask"]), Path(out) if out else default, dtype=dtype,
-                          tuned=step_weights(run_dir, entry))
+                          tuned=rundir.step_weights(entry))
 
 
 def export_pruning_config(model: str, pruning_config: str | os.PathLike[str], out: str | os.PathLike[str], *,

@@ -7,13 +7,14 @@ alone, no weights). Without either, the report is written without the mask pictu
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from search_spaces import Arch, Mask
+
+from .rundir import RunDir, final_mask
 
 log = logging.getLogger("rayprune")
 
@@ -37,33 +38,13 @@ def path_table(path: dict) -> str:
     return "\n".join(lines)
 
 
-def final_mask(path: dict) -> Mask:
-    """The mask after the last step: its ``mask`` entry, else replayed from the step kinds."""
-    from search_spaces import Block, Mask
-
-    steps = path["steps"]
-    if not steps:
-        return Mask()
-    if "mask" in steps[-1]:
-        return Mask.from_dict(steps[-1]["mask"])
-    mask = Mask()
-    for s in steps:  # path.json files older than the "mask" entry
-        if s["kind"] in ("attn", "mlp"):
-            mask = mask.remove(Block(s["layer"], s["kind"]))
-        elif s["kind"] == "attn_width":
-            mask = mask.with_heads(s["layer"], s["width"])
-        else:
-            mask = mask.with_mlp_width(s["layer"], s["width"])
-    return mask
-
-
 def run_arch(run_dir: Path, path: dict) -> Arch | None:
     """The dense architecture of a run: ``path.json``'s ``arch``, else config.yaml's model."""
     from search_spaces import Arch
 
     if isinstance(path.get("arch"), dict):
         return Arch(**path["arch"])
-    model = run_config(run_dir).get("model")
+    model = RunDir(run_dir).read_config().get("model")
     if not model:
         return None
     try:
@@ -73,14 +54,6 @@ def run_arch(run_dir: Path, path: dict) -> Arch | None:
     except (ValueError, OSError) as exc:
         log.warning("no mask picture: the architecture of %s cannot be read (%s)", model, exc)
         return None
-
-
-def run_config(run_dir: Path) -> dict[str, Any]:
-    """The run's resolved ``config.yaml`` as a plain dict ({} when absent)."""
-    import yaml
-
-    file = Path(run_dir) / "config.yaml"
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
 
 
 def _structure_lines(mask: Mask) -> list[str]:
@@ -160,8 +133,8 @@ def write_report(run_dir: Path) -> Path:
     from .plots import write_curve, write_mask
 
     run_dir = Path(run_dir)
-    path = json.loads((run_dir / "path.json").read_text())
-    config = run_config(run_dir)
+    rundir = RunDir(run_dir)
+    path, config = rundir.read_path(), rundir.read_config()
     mask = final_mask(path)
     lines = [f"# rayprune report: {run_dir.name}", ""] + _summary(path, config, mask)
     lines += ["## Dense vs pruned", ""] + _quality_table(path)
@@ -182,6 +155,4 @@ def write_report(run_dir: Path) -> Path:
     cost = _cost_lines(path)
     if cost:
         lines += ["## Time and evaluations", ""] + cost
-    out = run_dir / "report.md"
-    out.write_text("\n".join(lines).rstrip() + "\n")
-    return out
+    return rundir.write_text("report.md", "\n".join(lines).rstrip() + "\n")

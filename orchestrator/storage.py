@@ -12,6 +12,11 @@ a local staging directory, the way Ray Train and Tune treat ``storage_path``:
 
 Files whose name starts with a dot (the run lock, files being written) are never uploaded. The run
 lock guards the staging directory on one machine only: do not start two drivers on one URI.
+
+Credentials never travel in the URI: one with a password (``user:secret@``) or a secret query
+parameter (``?secret_key=...``) is refused before anything starts, since the URI is written to
+``config.yaml`` and the logs. pyarrow takes them from the environment (``AWS_ACCESS_KEY_ID`` and
+``AWS_SECRET_ACCESS_KEY``, ``GOOGLE_APPLICATION_CREDENTIALS``, ...). Logs show :func:`redact_uri`.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ import hashlib
 import logging
 import re
 import threading
+from urllib.parse import parse_qsl, urlsplit
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from .files import write_via
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -38,12 +46,44 @@ def uri_scheme(output: str) -> str | None:
     return match.group(1).lower() if match else None
 
 
+#: Query parameters that carry a secret (pyarrow's S3 ``secret_key``, Azure's ``sas_token``, ...).
+_SECRET_PARAM = re.compile(r"key|secret|token|password|passwd|credential|signature|sig$|sas", re.IGNORECASE)
+
+
+def _secrets(uri: str) -> list[str]:
+    """The parts of ``uri`` that carry credentials: a password, secret query parameters."""
+    parts = urlsplit(uri)
+    found = ["a password (user:password@)"] if parts.password else []
+    found += [f"the query parameter {k}" for k, _ in parse_qsl(parts.query, keep_blank_values=True)
+              if _SECRET_PARAM.search(k)]
+    return found
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` as it may be shown: a password and secret query values replaced by ``***``."""
+    if uri_scheme(uri) is None:
+        return uri
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = "&".join(f"{k}={'***' if _SECRET_PARAM.search(k) else v}"
+                     for k, v in parse_qsl(parts.query, keep_blank_values=True))
+    return parts._replace(netloc=netloc, query=query).geturl()
+
+
 def uri_problem(output: str) -> str | None:
-    """Why ``output`` is not a URI rayprune can write to (None when the scheme is supported)."""
+    """Why ``output`` is not a URI rayprune can write to (None when the scheme is supported and the
+    URI carries no credentials)."""
     scheme = uri_scheme(output)
     if scheme is not None and scheme not in SCHEMES:
-        return (f"output: {output!r} uses the scheme {scheme}://, which pyarrow.fs cannot open; use a path "
-                f"(a shared mount) or one of {', '.join(s + '://' for s in SCHEMES)}")
+        return (f"output: {redact_uri(output)!r} uses the scheme {scheme}://, which pyarrow.fs cannot open; use a "
+                f"path (a shared mount) or one of {', '.join(s + '://' for s in SCHEMES)}")
+    if scheme is not None and (found := _secrets(output)):
+        return (f"output: {redact_uri(output)!r} carries credentials ({', '.join(found)}), which would be written "
+                f"to config.yaml and the logs; remove them from the URI and give them through the environment "
+                f"(e.g. AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for s3://, GOOGLE_APPLICATION_CREDENTIALS "
+                f"for gs://)")
     return None
 
 
@@ -55,11 +95,17 @@ def staging_dir(output: str) -> Path:
     return cache_dir() / "staging" / f"{name}-{hashlib.sha256(output.encode()).hexdigest()[:12]}"
 
 
+def _copy(src: Any, dst: Any) -> None:
+    while chunk := src.read(1 << 22):
+        dst.write(chunk)
+
+
 class RunStorage:
     """Where a run directory lives. ``local`` is the directory the campaign writes to."""
 
     def __init__(self, output: str, *, interval_s: float = 60.0) -> None:
         self.output, self.interval_s = output, interval_s
+        self.shown = redact_uri(output)  # what logs and errors say
         self.remote = uri_scheme(output) is not None
         self.local = staging_dir(output) if self.remote else Path(output)
         self._fs: FileSystem | None = None
@@ -70,7 +116,7 @@ class RunStorage:
         self._thread: threading.Thread | None = None
 
     def __repr__(self) -> str:
-        return f"RunStorage({self.output!r}{f', staged in {str(self.local)!r}' if self.remote else ''})"
+        return f"RunStorage({self.shown!r}{f', staged in {str(self.local)!r}' if self.remote else ''})"
 
     # ---- the remote side ----------------------------------------------------------------------------
     def _open(self) -> tuple[FileSystem, str]:
@@ -82,7 +128,7 @@ class RunStorage:
             try:
                 self._fs, self._root = FileSystem.from_uri(self.output)
             except Exception as exc:  # noqa: BLE001 - pyarrow raises OSError/ArrowInvalid for bad URIs and credentials
-                raise ValueError(f"output: {self.output!r} cannot be opened ({exc}); check the URI and the storage "
+                raise ValueError(f"output: {self.shown!r} cannot be opened ({exc}); check the URI and the storage "
                                  f"credentials in the environment") from exc
             self._root = self._root.rstrip("/")
         return self._fs, self._root
@@ -112,16 +158,11 @@ class RunStorage:
         remote = self._remote_files()
         self.local.mkdir(parents=True, exist_ok=True)
         for rel in remote:
-            target = self.local / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.pull")
-            with fs.open_input_stream(f"{root}/{rel}") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-            tmp.replace(target)
+            with fs.open_input_stream(f"{root}/{rel}") as src:
+                write_via(self.local / rel, lambda dst: _copy(src, dst))
         self._pushed = {rel: meta for rel, meta in self._local_files().items() if rel in remote}
         if remote:
-            log.info("resuming from %s: %d files pulled into %s", self.output, len(remote), self.local)
+            log.info("resuming from %s: %d files pulled into %s", self.shown, len(remote), self.local)
         return len(remote)
 
     def push(self) -> int:
@@ -138,8 +179,7 @@ class RunStorage:
                 fs.create_dir(f"{root}/{rel}".rsplit("/", 1)[0], recursive=True)
                 try:
                     with open(self.local / rel, "rb") as src, fs.open_output_stream(f"{root}/{rel}") as dst:
-                        while chunk := src.read(1 << 22):
-                            dst.write(chunk)
+                        _copy(src, dst)
                 except FileNotFoundError:  # replaced or merged since it was listed: the next mirror has it
                     continue
                 self._pushed[rel] = meta
@@ -169,15 +209,15 @@ class RunStorage:
             n = self.push()
         except Exception as exc:
             log.error("mirroring to %s failed (%s); every result is kept in %s, and rerunning the campaign "
-                      "retries the upload", self.output, exc, self.local)
+                      "retries the upload", self.shown, exc, self.local)
             if exc_type is None:
                 raise
             return  # the campaign's own error is the one to see
-        log.info("run directory mirrored to %s (%d files uploaded)", self.output, n)
+        log.info("run directory mirrored to %s (%d files uploaded)", self.shown, n)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             try:
                 self.push()
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not stop the campaign
-                log.warning("mirroring to %s failed (%s); retrying in %.0f s", self.output, exc, self.interval_s)
+                log.warning("mirroring to %s failed (%s); retrying in %.0f s", self.shown, exc, self.interval_s)

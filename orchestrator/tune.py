@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import itertools
 import logging
 import math
@@ -39,12 +40,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from search_spaces import Arch, Mask
 
+from .rundir import RunDir
+
 if TYPE_CHECKING:
     from .config import Config
+    from .scorer import Scorer
 
 log = logging.getLogger("rayprune")
 
-VALIDATION_SEED_OFFSET = 7919
 STAGES = ("blocks", "mlp", "heads")
 ORDERS = tuple(",".join(p) for p in itertools.permutations(STAGES))
 METRIC = "val_ppl"
@@ -95,44 +98,38 @@ def trial_config(base: Config, hp: dict[str, Any]) -> Config:
     return dataclasses.replace(base, search=search, data=dataclasses.replace(base.data, calibration=calibration))
 
 
-def scorer(config: Config, arch: Arch, actors: Sequence[Any], fingerprints: dict[str, str], model_fp: str) -> Any:
-    """A :class:`~orchestrator.campaign.Campaign` wired to an existing pool and the shared cache.
+def trial_scorer(config: Config, arch: Arch, actors: Sequence[Any], fingerprints: dict[str, str],
+                 model_fp: str) -> Scorer:
+    """A :class:`~orchestrator.scorer.Scorer` on the shared pool and the run directory's one cache.
 
-    Its ``score(masks, base, window_set, label)`` serves from the cache and dispatches the rest;
-    window sets are named as the actors hold them (``calibration@<n>``, ``validation``, ...).
+    Window sets are named as the actors hold them (``calibration@<n>``, ``validation``, ...).
     """
     from .cache import EvalCache
-    from .campaign import Campaign
     from .dispatch import Dispatcher
+    from .scorer import Scorer
 
-    campaign = Campaign(config, progress=False)
-    campaign.arch, campaign.fingerprints, campaign.model_fingerprint = arch, fingerprints, model_fp
-    campaign.cache = EvalCache(Path(config.output) / "evals", flush_every=None)
-    campaign.dispatcher = Dispatcher(actors, timeout_s=config.cluster.eval_timeout_s,
-                                     max_attempts=config.cluster.max_attempts)
-    return campaign
+    dispatcher = Dispatcher(actors, timeout_s=config.cluster.eval_timeout_s, max_attempts=config.cluster.max_attempts)
+    return Scorer(EvalCache(RunDir(config.output).evals, flush_every=None), dispatcher, arch, model_fp, fingerprints)
 
 
 def run_trial(hp: dict[str, Any], *, base: Config, arch: Arch, actors: Sequence[Any], fingerprints: dict[str, str],
               model_fp: str) -> dict[str, Any]:
     """One greedy campaign against the shared pool; returns (and reports to Tune) its figures."""
-    from .search import make_searcher
+    from .search_run import PerplexityRun, drive
 
     t0 = time.perf_counter()
     config = trial_config(base, hp)
-    campaign = scorer(config, arch, actors, fingerprints, model_fp)
+    scorer = trial_scorer(config, arch, actors, fingerprints, model_fp)
     window = f"calibration@{config.data.calibration.sequences}"
-    searcher = make_searcher(config.search, arch)
     try:
-        while (proposal := searcher.suggest()) is not None:
-            searcher.observe(campaign.score(proposal.masks, proposal.base, window, proposal.label))
+        searcher = drive(PerplexityRun(config, scorer, RunDir(config.output), window_set=window))
         final = searcher.current
-        val = campaign.score([final], Mask(), "validation", "validation")[final]
-        held = campaign.score([final], Mask(), "evaluation", "held-out")[final]
+        val = scorer.score([final], Mask(), "validation", "validation")[final]
+        held = scorer.score([final], Mask(), "evaluation", "held-out")[final]
     finally:
-        campaign.cache.flush()
+        scorer.cache.flush()
     last = searcher.path[-1] if searcher.path else None
-    counters = campaign.counters
+    counters = scorer.counters
     return {METRIC: val, "heldout_ppl": held, "calib_ppl": last.ppl if last else searcher.dense_ppl,
             "ratio": last.ratio if last else 0.0, "steps": len(searcher.path), "evaluated": counters.evaluated,
             "cached": counters.cached, "failed": counters.failed, "seconds": time.perf_counter() - t0,
@@ -148,79 +145,53 @@ def _trainable(hp: dict[str, Any], **context: Any) -> None:
     tune.report(run_trial(hp, **context))
 
 
-def prepare_windows(config: Config, sizes: Sequence[int]) -> dict[str, Any]:
-    """Every window set the pool holds: calibration per size, validation (train split), evaluation."""
-    from actors.corpus import load_documents
-    from actors.models import load_tokenizer, resolve_model
-    from actors.windows import token_windows
-
-    data = config.data
-    if data.calibration.windows:
-        raise ValueError("rayprune tune draws calibration windows of several sizes; remove "
-                         "data.calibration.windows from the config (or set it to null)")
-    tokenizer = load_tokenizer(resolve_model(config.model))
-    train, test = load_documents(data.corpus, "train"), load_documents(data.corpus, "test")
-    cal, ev = data.calibration, data.evaluation
-    windows = {f"calibration@{n}": token_windows(tokenizer, train, n, cal.length, cal.seed) for n in sizes}
-    windows["validation"] = token_windows(tokenizer, train, ev.sequences, ev.length,
-                                          cal.seed + VALIDATION_SEED_OFFSET, what="calibration")
-    windows["evaluation"] = token_windows(tokenizer, test, ev.sequences, ev.length, ev.seed, what="evaluation")
-    return windows
-
-
 def run_tune(config: Config, *, trials: int, seed: int = 0, space: TuneSpace | None = None,
              evaluator_cls: type | None = None) -> list[dict[str, Any]]:
     """Tune ``trials`` greedy campaigns; write the results table, report and best.yaml; return the rows
     (best first). Raises RunDirectoryBusy if another driver holds the run directory."""
-    from .campaign import Campaign
-    from .storage import uri_scheme
+    from .storage import redact_uri, uri_scheme
 
     if uri_scheme(config.output) is not None:
-        raise ValueError(f"rayprune tune writes its run directory to a path, not {config.output!r}; set output to a "
-                         f"path (a shared mount works) and copy the results to the storage afterwards")
+        raise ValueError(f"rayprune tune writes its run directory to a path, not {redact_uri(config.output)!r}; set "
+                         f"output to a path (a shared mount works) and copy the results to the storage afterwards")
     run_dir = Path(config.output).absolute()
     config = dataclasses.replace(config, output=str(run_dir))
-    holder = Campaign(config, progress=False)
-    holder.lock()  # one driver per run directory, as for `rayprune run`
-    try:
+    with RunDir(run_dir):  # one driver per run directory, as for `rayprune run`
         return _tune(config, run_dir, trials, seed, space, evaluator_cls)
-    finally:
-        holder.unlock()
 
 
 def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpace | None,
           evaluator_cls: type | None) -> list[dict[str, Any]]:
-    import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.search.optuna import OptunaSearch
 
     from actors.models import read_model_config
-    from actors.windows import windows_fingerprint
-    from cluster.session import connect, start_evaluators
+    from cluster.session import evaluator_pool
+
+    from .data.campaign_windows import campaign_windows
+    from .data.windows import windows_fingerprint
 
     arch = Arch.from_hf_config(read_model_config(config.model))
     space = space or default_space(config, arch)
-    windows = prepare_windows(config, space.calibration_sequences)
+    if config.data.calibration.windows:
+        raise ValueError("rayprune tune draws calibration windows of several sizes; remove "
+                         "data.calibration.windows from the config (or set it to null)")
+    windows = campaign_windows(config, space.calibration_sequences)
     fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}
     cluster = config.cluster
     if not isinstance(cluster.actors, int):
         raise ValueError("rayprune tune needs a fixed pool: set cluster.actors to a number, e.g. cluster.actors=2")
-    started = connect(num_cpus=max(1, math.ceil(cluster.actors * cluster.cpus_per_actor)))
-    actors = None
-    try:
-        actors = start_evaluators(cluster.actors, cluster.cpus_per_actor, cluster.gpus_per_actor,
-                                  placement_timeout_s=cluster.placement_timeout_s, evaluator_cls=evaluator_cls,
-                                  model=config.model, windows=windows, batch_size=config.search.batch_size)
-        model_fp = ray.get(actors[0].info.remote())["model_fingerprint"]
-        log.info("tune: %d evaluator(s) ready; %d trials, one at a time", len(actors), trials)
-        dense = scorer(config, arch, list(actors), fingerprints, model_fp)
+    with evaluator_pool(cluster, evaluator_cls=evaluator_cls, model=config.model, windows=windows,
+                        batch_size=config.search.batch_size) as pool:
+        log.info("tune: %d evaluator(s), %d trials, one at a time", len(pool.actors), trials)
+        dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint)
         dense_figures = {name: dense.score([Mask()], None, name, name)[Mask()] for name in ("validation", "evaluation")}
         dense.cache.flush()
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # JSON and CSV below; no TensorBoard
         trainable = tune.with_resources(
-            tune.with_parameters(_trainable, base=config, arch=arch, actors=list(actors), fingerprints=fingerprints,
-                                 model_fp=model_fp),
+            tune.with_parameters(_trainable, base=config, arch=arch, actors=pool.actors, fingerprints=fingerprints,
+                                 model_fp=pool.model_fingerprint),
             {"cpu": 0, "memory": 2**20})
         import optuna
 
@@ -232,11 +203,6 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
                            run_config=tune.RunConfig(name="tune", storage_path=str(run_dir), verbose=0,
                                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()]))
         results = tuner.fit()
-    finally:
-        if actors is not None and not started:
-            actors.shutdown()
-        if started:
-            ray.shutdown()
     if results.errors:
         raise RuntimeError(f"{len(results.errors)} tune trial(s) failed; the first: {results.errors[0]!r}")
     rows = [_row(i, r.config, r.metrics) for i, r in enumerate(results)]
@@ -253,17 +219,16 @@ def _row(index: int, hp: dict[str, Any], metrics: dict[str, Any]) -> dict[str, A
 
 def write_outputs(run_dir: Path, base: Config, rows: list[dict[str, Any]], dense: dict[str, float]) -> None:
     """``tune_results.csv``, ``tune_report.md`` and ``best.yaml`` (rows best first)."""
-    from .campaign import write_json
-    from .config import dump_yaml
+    from .config_load import to_yaml
 
-    with open(run_dir / ".tune_results.csv.tmp", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(run_dir / ".tune_results.csv.tmp", run_dir / "tune_results.csv")
-    best = trial_config(base, rows[0]["hp"])
-    dump_yaml(best, run_dir / "best.yaml")
-    write_json(run_dir / "tune_best.json", {k: v for k, v in rows[0].items() if k != "hp"})
+    rundir = RunDir(run_dir)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    rundir.write_text("tune_results.csv", table.getvalue())
+    rundir.write_text("best.yaml", to_yaml(trial_config(base, rows[0]["hp"])))
+    rundir.write_json("tune_best.json", {k: v for k, v in rows[0].items() if k != "hp"})
     head = ["| trial | order | split | MLP group | cal. seq | ppl (validation) | ppl (held-out) | ppl (calibration) "
             "| ratio | evaluations run | from cache | seconds |", "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     body = [f"| {r['trial']} | {r['order']} | {r['split']} | {r['mlp_group']} | {r['calibration_sequences']} | "
@@ -278,4 +243,4 @@ def write_outputs(run_dir: Path, base: Config, rows: list[dict[str, Any]], dense
             f"calibration sequences: validation {b[METRIC]:.3f}, held-out {b['heldout_ppl']:.3f} at ratio "
             f"{b['ratio']:.4f}. Replay it from the shared cache: `rayprune run {run_dir / 'best.yaml'}`.", "",
             *head, *body, ""]
-    (run_dir / "tune_report.md").write_text("\n".join(text))
+    rundir.write_text("tune_report.md", "\n".join(text))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from .arch import SUPPORTED_FAMILIES, Arch, UnsupportedArchitecture
 from .cost import dense_params, param_count, ratio
 from .mask import KINDS, Block, Mask, mask_key
+from .scores import perplexity, rank_value
 
 __all__ = [
     "KINDS",
@@ -20,5 +21,7 @@ __all__ = [
     "dense_params",
     "mask_key",
     "param_count",
+    "perplexity",
+    "rank_value",
     "ratio",
 ]

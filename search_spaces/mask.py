@@ -7,6 +7,7 @@ Its canonical JSON is the identity used by the cache: two equal masks have the s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -125,6 +126,10 @@ class Mask:
 
     def to_json(self) -> str:
         """Canonical JSON: sorted keys and lists, no whitespace. Equal masks give equal strings."""
+        return self._json
+
+    @functools.cached_property
+    def _json(self) -> str:  # computed once per mask: a campaign sends and keys each mask several times
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     @classmethod

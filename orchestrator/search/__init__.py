@@ -17,6 +17,22 @@ if TYPE_CHECKING:
     from ..config import SearchConfig
 
 
+def searcher_class(method: str) -> type[Searcher]:
+    """The searcher class of a method (its ``scoring`` says what answers its proposals)."""
+    if method == "optuna":
+        from .optuna_search import OptunaSearcher
+
+        return OptunaSearcher
+    if method == "sprint":
+        from .sprint import SprintSearcher
+
+        return SprintSearcher
+    classes: dict[str, type[Searcher]] = {"blockpruner": BlockPrunerSearcher, "multipruner": MultiPrunerSearcher}
+    if method not in classes:
+        raise ValueError(f"search.method {method!r} has no searcher")
+    return classes[method]
+
+
 def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
     """The searcher a config asks for (the config has already checked the method name).
@@ -59,4 +75,4 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
 
 
 __all__ = ["BlockPrunerSearcher", "GreedySearcher", "MultiPrunerSearcher", "Proposal", "Searcher", "Step",
-           "make_searcher"]
+           "make_searcher", "searcher_class"]

@@ -9,12 +9,11 @@ rerun against a complete cache replays the same decisions without running a sing
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, ClassVar, Literal, Mapping
 
-from search_spaces import Mask
+from search_spaces import Mask, rank_value
 
 #: ``trial``: a whole mask proposed by a sampler (Optuna); its ``layer`` holds the trial number.
 StepKind = Literal["attn", "mlp", "attn_width", "mlp_width", "trial"]
@@ -58,16 +57,14 @@ class Step:
         return out
 
 
-def rank_value(ppl: float) -> float:
-    """Perplexity as a sort key: NaN and inf are data, ranked after every finite score."""
-    return ppl if math.isfinite(ppl) else math.inf
-
-
 class Searcher(ABC):
     """Contract: ``suggest`` and ``observe`` alternate; ``observe`` receives a score for every mask
     of the last proposal; after ``suggest`` returns ``None`` the search is finished and ``path``
     is final."""
 
+    #: What answers a proposal: ``"perplexity"`` (calibration perplexity of every mask, through the
+    #: cache and the pool) or ``"sprint_step"`` (a remote SPRINT step, :mod:`orchestrator.sprint_run`).
+    scoring: ClassVar[str] = "perplexity"
     dense_ppl: float | None = None
     path: list[Step]
 
@@ -76,6 +73,14 @@ class Searcher(ABC):
 
     @abstractmethod
     def observe(self, scores: Mapping[Mask, float]) -> None: ...
+
+    def references(self) -> dict[str, Mask]:
+        """Masks to score on the held-out windows next to the final one (e.g. Optuna's greedy mask)."""
+        return {}
+
+    def summary(self) -> dict[str, Any] | None:
+        """What a whole-mask search found, for ``search.json`` (None: nothing beyond the path)."""
+        return None
 
     @property
     def current(self) -> Mask:

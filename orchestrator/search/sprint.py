@@ -58,6 +58,8 @@ class SprintStep(Step):
 
 
 class SprintSearcher(Searcher):
+    scoring = "sprint_step"
+
     def __init__(self, arch: Arch, costs: BlockCosts, *, target_ratio: float | None = None,
                  target_speedup: float | None = None, max_steps: int | None = None, top_k: int = 5,
                  ridge: float = 0.0, checkpoint_every: int | None = None, window_set: str = "calibration") -> None:

@@ -24,8 +24,8 @@ def test_prefix_reuse_equals_naive(family, base):
     engine = Engine(LeanDecoder(tiny_model(family), arch), batch_size=2)
     windows = torch.randint(0, arch.vocab_size, (5, 30), generator=torch.Generator().manual_seed(0))
     masks = _candidates(arch, base)
-    fast = engine.evaluate(windows, masks, base=base)
-    naive = engine.evaluate_naive(windows, masks)
+    fast = engine.score_masks(windows, masks, base=base)
+    naive = engine.score_masks_naive(windows, masks)
     for f, n in zip(fast, naive):
         assert f.tokens == n.tokens == 5 * 29
         assert f.nll_sum == pytest.approx(n.nll_sum, rel=1e-6)
@@ -37,8 +37,8 @@ def test_unrelated_base_is_still_exact():
     engine = Engine(LeanDecoder(tiny_model("llama"), arch), batch_size=3)
     windows = torch.randint(0, arch.vocab_size, (3, 20), generator=torch.Generator().manual_seed(4))
     masks = [Mask(attn_removed={0}), Mask(mlp_removed={3}, head_units={1: 1})]
-    fast = engine.evaluate(windows, masks, base=Mask(mlp_removed={2}))
-    naive = engine.evaluate_naive(windows, masks)
+    fast = engine.score_masks(windows, masks, base=Mask(mlp_removed={2}))
+    naive = engine.score_masks_naive(windows, masks)
     assert [f.nll_sum for f in fast] == pytest.approx([n.nll_sum for n in naive], rel=1e-6)
 
 
@@ -51,7 +51,7 @@ def test_engine_equals_stock_forward_with_labels(family):
     engine = Engine(LeanDecoder(model, arch), batch_size=2)
     windows = torch.randint(0, arch.vocab_size, (4, 20), generator=torch.Generator().manual_seed(6))
     masks = [Mask(), Mask(attn_removed={0}, mlp_removed={2}), Mask(head_units={1: 1}, mlp_width={0: 24})]
-    ours = engine.evaluate(windows, masks, base=Mask())
+    ours = engine.score_masks(windows, masks, base=Mask())
     for mask, score in zip(masks, ours):
         with stock_masked(model, mask, arch):
             nll, tokens = stock_nll(model, windows, batch_size=2)
@@ -67,7 +67,7 @@ def test_concurrent_streams_equal_sequential(family):
     windows = torch.randint(0, arch.vocab_size, (4, 24), generator=torch.Generator().manual_seed(7))
     base = Mask(mlp_removed={1})
     masks = _candidates(arch, base)
-    one = Engine(LeanDecoder(model, arch), batch_size=2).evaluate(windows, masks, base=base)
-    two = Engine(LeanDecoder(model, arch), batch_size=2, streams=2).evaluate(windows, masks, base=base)
+    one = Engine(LeanDecoder(model, arch), batch_size=2).score_masks(windows, masks, base=base)
+    two = Engine(LeanDecoder(model, arch), batch_size=2, streams=2).score_masks(windows, masks, base=base)
     assert [s.nll_sum for s in two] == pytest.approx([s.nll_sum for s in one], rel=1e-6)
     assert torch.get_num_threads() >= 1  # restored after the concurrent phase

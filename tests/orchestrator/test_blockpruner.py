@@ -27,7 +27,7 @@ def naive_greedy(engine, windows, arch, steps):
             block = Block.from_index(index)
             if removed.removed(block):
                 continue
-            ppl = _ppl(engine.evaluate_naive(windows, [removed.remove(block)])[0])
+            ppl = _ppl(engine.score_masks_naive(windows, [removed.remove(block)])[0])
             if best is None or ppl < best[0]:  # strict: ties keep the lower block index
                 best = (ppl, block)
         removed = removed.remove(best[1])
@@ -37,7 +37,7 @@ def naive_greedy(engine, windows, arch, steps):
 
 def drive(searcher, engine, windows):
     while (proposal := searcher.suggest()) is not None:
-        scores = engine.evaluate(windows, proposal.masks, base=proposal.base)
+        scores = engine.score_masks(windows, proposal.masks, base=proposal.base)
         searcher.observe({m: _ppl(s) for m, s in zip(proposal.masks, scores)})
     return searcher
 
@@ -51,7 +51,7 @@ def test_greedy_path_equals_naive_loop(family):
     reference = naive_greedy(engine, windows, arch, 5)
     assert [(k, l) for k, l, _ in ours] == [(k, l) for k, l, _ in reference]
     assert [p for *_, p in ours] == pytest.approx([p for *_, p in reference], rel=1e-6)
-    assert searcher.dense_ppl == pytest.approx(_ppl(engine.evaluate_naive(windows, [Mask()])[0]), rel=1e-6)
+    assert searcher.dense_ppl == pytest.approx(_ppl(engine.score_masks_naive(windows, [Mask()])[0]), rel=1e-6)
 
 
 def test_stops_at_target_ratio_and_ranks_nan_last():

@@ -10,8 +10,8 @@ import torch
 
 from actors.engine import Engine
 from actors.forward import LeanDecoder
-from actors.windows import read_windows
 from orchestrator.campaign import Campaign
+from orchestrator.data.windows import read_windows
 from orchestrator.search import BlockPrunerSearcher
 from tests.tiny import tiny_arch, tiny_campaign_config, tiny_model, tiny_run_setup
 
@@ -53,7 +53,7 @@ def test_campaign_matches_in_process_greedy_and_resumes(ray_session, tiny_setup)
     engine = Engine(LeanDecoder(tiny_model("llama"), arch), batch_size=2)
     searcher = BlockPrunerSearcher(arch, 0.5, max_steps=3)
     while (p := searcher.suggest()) is not None:
-        scores = engine.evaluate(windows, p.masks, base=p.base)
+        scores = engine.score_masks(windows, p.masks, base=p.base)
         searcher.observe({m: math.exp(s.nll_sum / s.tokens) for m, s in zip(p.masks, scores)})
     assert [(s["kind"], s["layer"]) for s in path["steps"]] == [(s.kind, s.layer) for s in searcher.path]
     assert [s["ppl"] for s in path["steps"]] == pytest.approx([s.ppl for s in searcher.path], rel=1e-6)

@@ -12,9 +12,10 @@ import torch
 from actors.engine import Engine
 from actors.export import export_compact
 from actors.forward import LeanDecoder
-from actors.heldout import heldout_windows, perplexity
+from actors.heldout import perplexity
 from actors.surgery import reorder_by_l1_
 from orchestrator import cli
+from orchestrator.data.windows import heldout_windows
 from search_spaces import Mask, param_count, ratio
 from tests.tiny import char_tokenizer, save_tiny, tiny_arch, tiny_model, write_corpus
 
@@ -48,7 +49,7 @@ def engine_ppl(mask: Mask, corpus: str, sequences: int, length: int, seed: int) 
     arch = tiny_arch("llama")
     windows = torch.as_tensor(heldout_windows(char_tokenizer(), corpus, sequences, length, seed))
     engine = Engine(LeanDecoder(reorder_by_l1_(tiny_model("llama"), arch), arch), batch_size=2)
-    return perplexity(engine.evaluate(windows, [mask])[0])
+    return perplexity(engine.score_masks(windows, [mask])[0])
 
 
 def eval_json(capsys, *args: str) -> dict:

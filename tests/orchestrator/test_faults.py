@@ -23,7 +23,7 @@ import pytest
 
 from orchestrator.cache import CorruptPartWarning, read_part
 from orchestrator.campaign import Campaign, CampaignResult
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from search_spaces import Mask, mask_key
 from tests import faults
 from tests.tiny import tiny_overrides, tiny_run_setup
@@ -88,10 +88,10 @@ def check_against_reference(campaign: Campaign, result: CampaignResult, referenc
     by_key = {r["key"]: r for r in rows if r["status"] == "ok"}
     calibration = [(Mask(), result.searcher.dense_ppl)] + [(s.mask, s.ppl) for s in result.searcher.path]
     for mask, ppl in calibration:
-        key = mask_key(mask, campaign.model_fingerprint, campaign.fingerprints["calibration"])
+        key = mask_key(mask, campaign.scorer.model_fingerprint, campaign.scorer.fingerprints["calibration"])
         assert ok[key] == 1 and by_key[key]["ppl"] == pytest.approx(ppl, rel=1e-6)
     for mask in (Mask(), result.searcher.current):
-        assert ok[mask_key(mask, campaign.model_fingerprint, campaign.fingerprints["evaluation"])] == 1
+        assert ok[mask_key(mask, campaign.scorer.model_fingerprint, campaign.scorer.fingerprints["evaluation"])] == 1
     return rows
 
 
@@ -107,7 +107,7 @@ def test_sigkilled_evaluator_is_restarted_and_its_masks_rerouted(reference, setu
     [pid] = faults.events(tmp_path, "killed")
     rows = check_against_reference(campaign, result, reference)
     assert int(pid) not in workers_of(rows)  # nothing came back from the dead process
-    assert campaign.dispatcher.resubmissions == 1  # the dead task only: no other task paid for the restart
+    assert campaign.scorer.dispatcher.resubmissions == 1  # the dead task only: no other task paid for the restart
     assert result.counters.failed == 0
     assert result.counters.evaluated == reference["result"].counters.evaluated
 
@@ -122,7 +122,7 @@ def test_hung_evaluator_times_out_is_restarted_and_rerouted(reference, setup, tm
     pid, n_masks = map(int, event.split())
     assert f"exceeded {2 * n_masks} s" in caplog.text
     assert caplog.text.count("exceeded") == 1, caplog.text  # the restart itself is not timed out
-    assert campaign.dispatcher.resubmissions == 1
+    assert campaign.scorer.dispatcher.resubmissions == 1
     rows = check_against_reference(campaign, result, reference)
     assert pid not in workers_of(rows)
     assert result.counters.failed == 0
@@ -147,9 +147,9 @@ def test_mask_that_always_raises_is_recorded_failed_and_the_search_goes_on(refer
     # A step-1 candidate that did not win (the fault may not change the path, only lose that mask).
     winner = ref.searcher.path[0].mask
     losers = [Mask.from_json(r["mask_json"]) for r in reference["rows"]
-              if r["calibration_fp"] == ref_campaign.fingerprints["calibration"]]
+              if r["calibration_fp"] == ref_campaign.scorer.fingerprints["calibration"]]
     victim = next(m for m in losers if len(m.attn_removed) + len(m.mlp_removed) == 1 and m != winner)
-    victim_key = mask_key(victim, ref_campaign.model_fingerprint, ref_campaign.fingerprints["calibration"])
+    victim_key = mask_key(victim, ref_campaign.scorer.model_fingerprint, ref_campaign.scorer.fingerprints["calibration"])
     cls = faults.configure(faults.RaisesOnMask, tmp_path, mask_json=victim.to_json(), always=True)
     campaign, result = run_campaign(setup, "always-raises", cls)
 
@@ -160,7 +160,7 @@ def test_mask_that_always_raises_is_recorded_failed_and_the_search_goes_on(refer
     [failed] = [r for r in rows if r["status"] == "failed"]
     assert failed["key"] == victim_key and math.isnan(failed["ppl"])
     assert "injected fault" in failed["error"]
-    assert campaign.cache.get(victim_key) is None and campaign.cache.get_failed(victim_key) is not None
+    assert campaign.scorer.cache.get(victim_key) is None and campaign.scorer.cache.get_failed(victim_key) is not None
 
 
 # ---- the driver is killed ---------------------------------------------------------------------------
@@ -205,7 +205,6 @@ def test_killed_driver_resumes_from_the_cache(reference, setup, tmp_path):
     config_file = tmp_path / "config.yaml"
     config_file.write_text("# rayprune run config.yaml (driver killed by test_faults.py)\nname: killed-driver\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_AUTH_MODE"] = "disabled"
     log_file = open(tmp_path / "driver.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "--no-progress", str(config_file),
                              *overrides(setup, name)], cwd=REPO, env=env, stdout=log_file,

@@ -22,7 +22,7 @@ def naive_multipruner(engine, windows, arch):
     """SPEC §2 written out plainly, one full forward per candidate."""
 
     def ppl(mask):
-        s = engine.evaluate_naive(windows, [mask])[0]
+        s = engine.score_masks_naive(windows, [mask])[0]
         return math.exp(s.nll_sum / s.tokens)
 
     def blocks(m):
@@ -60,7 +60,7 @@ def test_multipruner_equals_naive_loop(family):
     windows = torch.randint(0, arch.vocab_size, (4, 24), generator=torch.Generator().manual_seed(11))
     searcher = MultiPrunerSearcher(arch, TARGET, SPLIT, MLP_GROUP, 1)
     while (p := searcher.suggest()) is not None:
-        scores = engine.evaluate(windows, p.masks, base=p.base)
+        scores = engine.score_masks(windows, p.masks, base=p.base)
         searcher.observe({m: math.exp(s.nll_sum / s.tokens) for m, s in zip(p.masks, scores)})
     ours = [(s.kind, s.layer, s.ppl) for s in searcher.path]
     reference = naive_multipruner(engine, windows, arch)

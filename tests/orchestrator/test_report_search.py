@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from orchestrator.campaign import write_json
+from orchestrator.files import write_json
 from orchestrator.plots import pareto_front
 from orchestrator.report import write_report
 from orchestrator.search.optuna_search import OptunaSearcher

@@ -17,11 +17,15 @@ from actors.export import load_pruned
 from actors.forward import LeanDecoder
 from actors.sprint import TunedSwap
 from actors.surgery import reorder_by_l1_
-from actors.windows import windows_fingerprint
 from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign, CampaignResult
-from orchestrator.evaluate import load_target
-from orchestrator.sprint_campaign import SprintRun, StepStore, export_step
+from orchestrator.data.windows import windows_fingerprint
+from orchestrator.eval_model import load_target
+from orchestrator.export import export_run
+from orchestrator.rundir import StepStore
+from orchestrator.scorer import Scorer
+from orchestrator.search_run import drive
+from orchestrator.sprint_run import SprintRun
 from search_spaces import Mask
 from search_spaces.latency import BlockCosts, LatencyTable
 from tests.tiny import tiny_arch, tiny_campaign_config, tiny_model, tiny_run_setup
@@ -39,26 +43,33 @@ def make_campaign(setup, name: str, **overrides) -> Campaign:
         "data.calibration": "{sequences: 6, length: 24, seed: 0}", "search.method": "sprint", "search.batch_size": 4,
         "search.sprint.top_k": 3, "search.sprint.checkpoint_every": 1, **overrides})
     campaign = Campaign(config, progress=False)
-    campaign.arch = tiny_arch("llama")
-    windows = campaign.prepare_windows()
-    campaign.fingerprints = {k: windows_fingerprint(w) for k, w in windows.items()}
-    campaign.cache = EvalCache(campaign.run_dir / "evals", flush_every=None)
-    campaign.windows = windows
+    campaign.arch, campaign.windows = campaign.prepare()
+    assert campaign.arch == tiny_arch("llama")
     return campaign
+
+
+class InProcess:
+    """The dispatcher's ``call`` on the real Evaluator class, in this process; the latency table fixed."""
+
+    def __init__(self, evaluator: Evaluator, calls: list | None) -> None:
+        self.actors, self.evaluator, self.calls = [evaluator], evaluator, calls
+
+    def call(self, method, *args, timeout_s=None):
+        if self.calls is not None:
+            self.calls.append(method)
+        return TABLE.to_dict() if method == "latency_table" else getattr(self.evaluator, method)(*args)
 
 
 def in_process(campaign: Campaign, evaluator: Evaluator | None = None, calls: list | None = None):
     evaluator = evaluator or Evaluator(campaign.config.model, campaign.windows, batch_size=4)
-    campaign.model_fingerprint = evaluator.model_fingerprint
-
-    def call(method, *args):
-        if calls is not None:
-            calls.append(method)
-        return TABLE.to_dict() if method == "latency_table" else getattr(evaluator, method)(*args)
-
-    searcher, heldout, extra = SprintRun(campaign, call).run()
-    result = CampaignResult(campaign.run_dir, searcher, heldout, campaign.counters, 1.0, extra)
-    campaign.write_outputs(result)
+    fingerprints = {k: windows_fingerprint(w) for k, w in campaign.windows.items()}
+    campaign.scorer = Scorer(EvalCache(campaign.rundir.evals, flush_every=None), InProcess(evaluator, calls),
+                             campaign.arch, evaluator.model_fingerprint, fingerprints)
+    run = SprintRun(campaign.config, campaign.scorer, campaign.rundir)
+    searcher = drive(run)
+    heldout = run.heldout(searcher)
+    result = CampaignResult(campaign.run_dir, searcher, heldout, campaign.scorer.counters, 1.0, run.extras(searcher))
+    campaign.write_outputs(result, campaign.arch)
     return result, evaluator
 
 
@@ -99,7 +110,7 @@ def test_sprint_path_targets_replay_and_export(tiny_setup):
     ids = torch.randint(0, 97, (2, 30), generator=torch.Generator().manual_seed(9))
     tuned_steps = [k for k, s in enumerate(path["steps"], 1) if s["tuned_weights"]]
     for k, out in [(len(path["steps"]), run_dir / "model"),
-                   (tuned_steps[0], export_step(run_dir, tuned_steps[0], run_dir / "prefix"))]:
+                   (tuned_steps[0], export_run(run_dir, step=tuned_steps[0], out=run_dir / "prefix"))]:
         decoder, mask, weights = tuned_decoder(run_dir, path["steps"][k - 1])
         with torch.inference_mode():
             with TunedSwap(decoder, weights):
@@ -139,4 +150,4 @@ def test_ratio_target_and_a_longer_run_reuses_the_shorter_one(tiny_setup):
     n = len(short.searcher.path)
     assert [(s.kind, s.layer) for s in longer.searcher.path[:n]] == [(s.kind, s.layer) for s in short.searcher.path]
     assert calls.count("sprint_step") == len(longer.searcher.path) - n + 2  # new steps, final ppl, held-out
-    assert campaign.counters.cached >= n
+    assert campaign.scorer.counters.cached >= n

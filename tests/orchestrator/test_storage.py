@@ -10,7 +10,8 @@ import json
 import pytest
 
 from orchestrator.campaign import Campaign
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError
+from orchestrator.config_load import load_config
 from orchestrator.storage import RunStorage, staging_dir, uri_problem, uri_scheme
 from tests.tiny import tiny_campaign_config, tiny_run_setup
 

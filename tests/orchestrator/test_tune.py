@@ -10,7 +10,7 @@ import pytest
 from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign
 from orchestrator.cli import main
-from orchestrator.config import load_config
+from orchestrator.config_load import load_config
 from orchestrator.tune import ORDERS, split_of
 from tests.tiny import save_tiny, write_corpus
 

@@ -1,0 +1,83 @@
+"""How a campaign answers its searcher: one runner per kind of scoring a searcher declares.
+
+A searcher only proposes and decides (:mod:`orchestrator.search`). Its class attribute ``scoring``
+says what answers a proposal, and :func:`search_run` picks the runner that does it:
+
+- ``"perplexity"`` (BlockPruner, MultiPruner, Optuna): :class:`PerplexityRun` scores every mask
+  of a proposal on the calibration windows through the :class:`~orchestrator.scorer.Scorer`;
+- ``"sprint_step"`` (SPRINT): :class:`~orchestrator.sprint_run.SprintRun` runs one remote step.
+
+Every runner builds its searcher, answers proposals, scores the held-out windows and names the
+method-specific figures for ``path.json`` and the export (``extras``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from search_spaces import Mask
+
+from .search import Proposal, Searcher, make_searcher, searcher_class
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .rundir import RunDir
+    from .scorer import Scorer
+
+log = logging.getLogger("rayprune")
+
+
+class SearchRun(Protocol):
+    def searcher(self) -> Searcher: ...
+
+    def answer(self, searcher: Searcher, proposal: Proposal) -> None: ...
+
+    def heldout(self, searcher: Searcher) -> dict[str, float]: ...
+
+    def extras(self, searcher: Searcher) -> dict[str, Any]: ...
+
+
+class PerplexityRun:
+    """Proposals answered with the calibration perplexity of every mask."""
+
+    def __init__(self, config: Config, scorer: Scorer, rundir: RunDir, *, window_set: str = "calibration") -> None:
+        self.config, self.scorer, self.rundir, self.window_set = config, scorer, rundir, window_set
+        self._logged = 0
+
+    def searcher(self) -> Searcher:
+        return make_searcher(self.config.search, self.scorer.arch, run_dir=self.rundir.path,
+                             pool_size=len(self.scorer.dispatcher.actors), known=self.scorer.known(self.window_set))
+
+    def answer(self, searcher: Searcher, proposal: Proposal) -> None:
+        searcher.observe(self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label))
+        for s in searcher.path[self._logged:]:  # steps new since the last batch
+            what = f"Optuna trial {s.layer}" if s.kind == "trial" else f"remove {s.kind} {s.layer}"
+            log.info("step %d: %s -> ppl %.3f, ratio %.4f", s.step, what, s.ppl, s.ratio)
+        self._logged = len(searcher.path)
+
+    def heldout(self, searcher: Searcher) -> dict[str, float]:
+        final, references = searcher.current, searcher.references()
+        held = self.scorer.score([Mask(), final, *references.values()], Mask(), "evaluation", "held-out")
+        return {"dense_ppl": held[Mask()], "pruned_ppl": held[final],
+                **{f"{name}_ppl": held[mask] for name, mask in references.items()}}
+
+    def extras(self, searcher: Searcher) -> dict[str, Any]:
+        return {}
+
+
+def search_run(config: Config, scorer: Scorer, rundir: RunDir) -> SearchRun:
+    """The runner for ``config.search.method``, chosen by what its searcher declares it needs."""
+    if searcher_class(config.search.method).scoring == "sprint_step":
+        from .sprint_run import SprintRun
+
+        return SprintRun(config, scorer, rundir)
+    return PerplexityRun(config, scorer, rundir)
+
+
+def drive(run: SearchRun) -> Searcher:
+    """Build the searcher and answer its proposals until it is done; returns it, finished."""
+    searcher = run.searcher()
+    while (proposal := searcher.suggest()) is not None:
+        run.answer(searcher, proposal)
+    return searcher
