@@ -3,135 +3,83 @@
 A run's ``evals/`` directory holds ``part-<unix_ns>-<uuid8>.parquet`` files, one per flush. Rows are
 keyed by :func:`search_spaces.mask_key` (mask + model + calibration fingerprints), so a cache can be
 shared by runs, resumed after a crash, and read by anything that reads Parquet. Nothing is pickled.
+The schema, row checks and the reading and writing of one part live in :mod:`orchestrator.cache_parts`.
 """
 
 from __future__ import annotations
 
-import numbers
-import os
-import time
-import uuid
+import errno
+import logging
 import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Iterable, Mapping
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from .files import write_via
+from .cache_parts import (PART_GLOB, SCHEMA, SCHEMA_VERSION, STALE_TMP_S, STATUSES, key_matches, normalize_row,
+                          read_part, remove_stale_tmp, write_part)
+from .files import remove
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "CorruptPartWarning", "EvalCache", "normalize_row",
-           "read_part", "write_part"]
+__all__ = ["SCHEMA", "SCHEMA_VERSION", "STATUSES", "CorruptPartWarning", "EvalCache", "ForeignRowWarning",
+           "normalize_row", "read_part", "write_part"]
 
-SCHEMA_VERSION = 1
-STATUSES: tuple[str, ...] = ("ok", "failed")
-
-#: Columns of every part. ``time`` is float unix seconds; ppl may be NaN or inf (they are data).
-SCHEMA = pa.schema(
-    [
-        pa.field("key", pa.string(), nullable=False),  # mask_key(mask, model_fp, calibration_fp)
-        pa.field("mask_json", pa.string(), nullable=False),  # Mask.to_json()
-        pa.field("model_fp", pa.string(), nullable=False),
-        pa.field("calibration_fp", pa.string(), nullable=False),
-        pa.field("nll_sum", pa.float64()),  # summed token NLL over the calibration set
-        pa.field("tokens", pa.int64()),  # predicted tokens summed over
-        pa.field("ppl", pa.float64()),  # exp(nll_sum / tokens)
-        pa.field("params_kept", pa.int64()),
-        pa.field("ratio", pa.float64()),
-        pa.field("latency_est", pa.float64()),
-        pa.field("seconds", pa.float64()),  # wall time of the evaluation
-        pa.field("worker", pa.string()),
-        pa.field("time", pa.float64(), nullable=False),  # unix seconds when the row was added
-        pa.field("schema_version", pa.int32(), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # "ok" | "failed"
-        pa.field("error", pa.string()),  # why a failed evaluation failed
-    ],
-    metadata={"rayprune.cache.schema_version": str(SCHEMA_VERSION)},
-)
-_REQUIRED = ("key", "mask_json", "model_fp", "calibration_fp", "status")
-_REQUIRED_OK = ("nll_sum", "tokens", "ppl")  # an "ok" row without these would be a hit with no value
-_PART_GLOB = "part-*.parquet"
+log = logging.getLogger("rayprune")
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 class CorruptPartWarning(RuntimeWarning):
     """A part could not be read; it was moved to ``quarantine/`` and the other parts were used."""
 
 
-# ---- rows ---------------------------------------------------------------------------------------
-def _column_value(name: str, kind: pa.DataType, value: Any) -> Any:
-    """``value`` as the plain Python value column ``name`` stores; ValueError naming the field."""
-    if value is None:
-        return None
-    if pa.types.is_string(kind) and isinstance(value, str):
-        return value
-    if pa.types.is_integer(kind) and isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value)
-    if pa.types.is_floating(kind) and isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return float(value)
-    expected = {"string": "a str", "double": "a float"}.get(str(kind), "an int")
-    raise ValueError(f"cache row field {name!r}: {value!r} is not {expected}; pass {expected} or None")
+class ForeignRowWarning(RuntimeWarning):
+    """Rows were not served: their key or fingerprints are not what they claim or what was asked."""
 
 
-def normalize_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A complete, typed row from ``row``: defaults filled (time, schema_version), fields checked.
-
-    Raises ValueError naming the field for unknown fields, missing required fields, wrong types or
-    a bad status. The result is exactly what reading the row back from Parquet gives.
-    """
-    unknown = sorted(set(row) - set(SCHEMA.names))
-    if unknown:
-        raise ValueError(f"cache row has unknown fields {unknown}; the columns are {SCHEMA.names}")
-    full = {"time": time.time(), "schema_version": SCHEMA_VERSION, **row}
-    clean = {f.name: _column_value(f.name, f.type, full.get(f.name)) for f in SCHEMA}
-    if clean["status"] not in STATUSES:
-        raise ValueError(f"cache row field 'status': {clean['status']!r} is not one of {STATUSES}")
-    required = _REQUIRED + (_REQUIRED_OK if clean["status"] == "ok" else ())
-    missing = [name for name in required if clean[name] is None]
-    if missing:
-        raise ValueError(f"cache row ({clean['status']}) lacks {missing}; set them (they may not be None)")
-    return clean
+def _write_error(exc: OSError, directory: Path, rows: int) -> OSError:
+    """The error :meth:`EvalCache.flush` raises when a part cannot be written (same errno, so the
+    same OSError subclass): what happened, where, that the rows are buffered, and the fix."""
+    kept = (f"{rows} computed row(s) are not on disk and are still buffered in memory; the next "
+            f"flush() writes them. If this process ends first, rerun the same command: it resumes from "
+            f"the cache and evaluates only the rows that are not on disk")
+    if exc.errno in _DISK_FULL:
+        return OSError(exc.errno, f"the disk holding the evaluation cache {directory} is full ({exc}): {kept}. "
+                                  f"Free space on that disk (or move the run to a larger one)")
+    return OSError(exc.errno, f"could not write a part to the evaluation cache {directory} "
+                              f"({type(exc).__name__}: {exc}): {kept}. Make {directory} writable")
 
 
-# ---- parts --------------------------------------------------------------------------------------
-def write_part(directory: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write ``rows`` as one new part (:func:`orchestrator.files.write_via`: dot-file, fsync, rename,
-    fsync dir). A reader never sees a partial part: until the rename its name starts with a dot."""
-    name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:8]}.parquet"
-    table = pa.Table.from_pylist(rows, schema=SCHEMA)
-    return write_via(directory / name, lambda handle: pq.write_table(table, handle))
-
-
-def read_part(path: Path) -> list[dict[str, Any]]:
-    """All rows of one part, or an exception (OSError / ArrowException / ValueError) if unreadable."""
-    table = pq.read_table(path)
-    missing = [name for name in SCHEMA.names if name not in table.column_names]
-    if missing:
-        raise ValueError(f"not a rayprune cache part: columns {missing} are missing")
-    return table.select(SCHEMA.names).cast(SCHEMA).to_pylist()
-
-
-# ---- the cache ----------------------------------------------------------------------------------
 class EvalCache:
     """Evaluations of masks, keyed by mask key, persisted as immutable Parquet parts in ``directory``.
 
     Durability contract (the promise of Optuna's journal storage, kept in tests/orchestrator):
 
-    - A part, once flushed, is never modified, and deleted only by :meth:`compact`, after a part
-      holding all of its rows is on disk. Each flush writes ONE new part to a dot-file, fsyncs it
+    - A part, once flushed, is never modified, and deleted only by :meth:`compact`, and only if its
+      rows were all merged into this instance's memory and a part holding all of them is on disk.
+      A part that was skipped (newer schema), has rows that were not served (see below) or could
+      not be quarantined is never deleted. Each flush writes ONE new part to a dot-file, fsyncs it
       and renames it into place, so readers (which skip dot-files) never see a partial part; a
-      crash leaves at most a stale ``.part-*.tmp`` behind, ignored.
+      crash leaves at most a stale ``.part-*.tmp`` behind, removed by the next instance to open
+      the directory once it is older than ``STALE_TMP_S`` (younger ones may be a writer mid-flush).
     - With ``flush_every=1`` (default) every row is on disk when :meth:`add` returns, so nothing
       computed is lost by a crash. ``None`` flushes only on :meth:`flush` / leaving the ``with``.
-    - A part that cannot be read (torn, truncated, corrupt) never hides the others: it is moved to
-      ``directory/quarantine/`` with a :class:`CorruptPartWarning` naming it, and every other part
-      is used. A part is used whole or not at all.
+      A flush that fails (disk full, read-only) raises an OSError naming the directory and the fix,
+      and keeps the rows buffered for the next flush.
+    - A part that cannot be read (torn, truncated, a page checksum that does not match) never hides
+      the others: it is moved to ``directory/quarantine/`` with a :class:`CorruptPartWarning`
+      naming it, and every other part is used. A part is used whole or not at all, except that
+      a row whose key is not ``mask_key`` of its own mask and fingerprints (forged, corrupted) is
+      never served: it is dropped with one :class:`ForeignRowWarning` per part.
+    - :meth:`get` with ``model_fp`` / ``calibration_fp`` serves a row only if its fingerprints are
+      those expected (else None and one ForeignRowWarning per part).
     - Rows are de-duplicated by key: the first "ok" row read wins (parts in name order, i.e. time
       order); an "ok" row beats any "failed" one. Only "ok" rows are hits (:meth:`get`,
       ``in``, ``len``); failures are kept for the driver's attempt cap (:meth:`get_failed`).
     - Several instances (processes) may share a directory; one sees another's flushed parts after
       :meth:`refresh`. Two writers evaluating the same key write equal results, so which wins
       does not matter.
+    - Housekeeping (:meth:`compact`, stale dot-files) never raises for a file system that refuses:
+      it warns and leaves the parts as they are.
     """
 
     def __init__(self, directory: str | Path, *, flush_every: int | None = 1) -> None:
@@ -144,8 +92,13 @@ class EvalCache:
         self._ok: dict[str, dict[str, Any]] = {}
         self._failed: dict[str, dict[str, Any]] = {}  # latest failure of keys with no ok row
         self._buffer: list[dict[str, Any]] = []
-        self._parts: set[str] = set()  # names of parts already read (or written) by this instance
+        self._merged: set[str] = set()  # parts whose rows are all in memory: the only ones compact() deletes
+        self._kept: set[str] = set()  # parts looked at but not (wholly) merged: never deleted, not re-read
+        self._origin: dict[str, str] = {}  # key of an ok row -> the part it came from ("" while buffered)
+        self._warned: set[str] = set()  # parts already warned about by get()
         self._quarantined: list[Path] = []
+        for stale in remove_stale_tmp(self.directory, STALE_TMP_S):
+            log.info("removed %s, left by a flush that died more than %.0f s ago", stale, STALE_TMP_S)
         self.refresh()
 
     # ---- reading -------------------------------------------------------------------------------
@@ -155,16 +108,24 @@ class EvalCache:
         Returns the number of rows read. Unreadable parts are quarantined with a warning.
         """
         count = 0
-        for path in sorted(self.directory.glob(_PART_GLOB)):
-            if path.name in self._parts or path.name.startswith("."):
+        for path in sorted(self.directory.glob(PART_GLOB)):
+            if path.name in self._merged or path.name in self._kept or path.name.startswith("."):
                 continue
             rows = self._read_or_quarantine(path)
             if rows is None:
                 continue
-            self._parts.add(path.name)
-            for row in rows:
-                self._index(row)
-            count += len(rows)
+            good = [row for row in rows if key_matches(row)]
+            if len(good) < len(rows):
+                warnings.warn(f"cache part {path}: {len(rows) - len(good)} of {len(rows)} rows have a key that "
+                              f"is not the key of their own mask and fingerprints (forged or corrupted); "
+                              f"they are not served, the part's other rows are. The part is kept as it is; "
+                              f"delete it if it does not belong here", ForeignRowWarning, stacklevel=3)
+                self._kept.add(path.name)
+            else:
+                self._merged.add(path.name)
+            for row in good:
+                self._index(row, path.name)
+            count += len(good)
         return count
 
     def _read_or_quarantine(self, path: Path) -> list[dict[str, Any]] | None:
@@ -178,34 +139,65 @@ class EvalCache:
         newer = {r["schema_version"] for r in rows if r["schema_version"] > SCHEMA_VERSION}
         if newer:
             warnings.warn(f"cache part {path} has schema version {max(newer)} > {SCHEMA_VERSION}; "
-                          f"skipped it (upgrade rayprune to read it)", RuntimeWarning, stacklevel=3)
-            self._parts.add(path.name)
+                          f"skipped it (upgrade rayprune to read it)", RuntimeWarning, stacklevel=4)
+            self._kept.add(path.name)  # not read, so never deleted by compact()
             return None
         return rows
 
     def _quarantine(self, path: Path, exc: BaseException) -> None:
         target = self.directory / "quarantine" / path.name
-        target.parent.mkdir(exist_ok=True)
         try:
-            os.replace(path, target)
+            target.parent.mkdir(exist_ok=True)
+            path.replace(target)
         except FileNotFoundError:
+            return
+        except OSError as move_exc:  # e.g. a read-only directory: leave it, but never use it
+            self._kept.add(path.name)
+            warnings.warn(f"cache part {path} is unreadable ({type(exc).__name__}: {exc}) and could not be "
+                          f"moved to {target} ({move_exc}); ignored it and used the other parts. Move or "
+                          f"delete it by hand", CorruptPartWarning, stacklevel=5)
             return
         self._quarantined.append(target)
         warnings.warn(f"cache part {path} is unreadable ({type(exc).__name__}: {exc}); moved it to "
-                      f"{target} and used the other parts", CorruptPartWarning, stacklevel=4)
+                      f"{target} and used the other parts", CorruptPartWarning, stacklevel=5)
 
-    def _index(self, row: dict[str, Any]) -> None:
+    def _index(self, row: dict[str, Any], origin: str) -> None:
         key = row["key"]
         if row["status"] == "ok":
-            self._ok.setdefault(key, row)
+            if self._ok.setdefault(key, row) is row:
+                self._origin[key] = origin
             self._failed.pop(key, None)
         elif key not in self._ok:
             self._failed[key] = row
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """The "ok" row of ``key`` (a copy), or None when it was never evaluated successfully."""
+    def get(self, key: str, *, model_fp: str | None = None, calibration_fp: str | None = None
+            ) -> dict[str, Any] | None:
+        """The "ok" row of ``key`` (a copy), or None when it was never evaluated successfully.
+
+        With ``model_fp`` / ``calibration_fp``, also None when the row's fingerprints differ from
+        them (a row of another model or window set must not be served), with one
+        :class:`ForeignRowWarning` per part naming it.
+        """
         row = self._ok.get(key)
-        return None if row is None else dict(row)
+        if row is None:
+            return None
+        expected = {"model_fp": model_fp, "calibration_fp": calibration_fp}
+        wrong = {name: value for name, value in expected.items() if value is not None and row[name] != value}
+        if wrong:
+            self._warn_foreign(key, row, wrong)
+            return None
+        return dict(row)
+
+    def _warn_foreign(self, key: str, row: dict[str, Any], wrong: dict[str, str]) -> None:
+        origin = self._origin.get(key, "")
+        if origin in self._warned:
+            return
+        self._warned.add(origin)
+        where = f"cache part {self.directory / origin}" if origin else f"a row added to {self}"
+        found = ", ".join(f"{name}={row[name]!r} (expected {value!r})" for name, value in wrong.items())
+        warnings.warn(f"{where}: key {key[:16]}... has {found}; not served. The part belongs to another "
+                      f"model or window set: delete it if it does not belong here", ForeignRowWarning,
+                      stacklevel=4)
 
     def get_failed(self, key: str) -> dict[str, Any] | None:
         """The latest "failed" row of ``key`` (a copy), or None if it has none or has an ok row."""
@@ -226,21 +218,27 @@ class EvalCache:
         return [dict(row) for row in chosen]
 
     def stats(self) -> dict[str, int]:
-        """Counts: ok keys, failed keys (no ok row), parts read or written, buffered, quarantined."""
-        return {"ok": len(self._ok), "failed": len(self._failed), "parts": len(self._parts),
-                "buffered": len(self._buffer), "quarantined": len(self._quarantined)}
+        """Counts: ok keys, failed keys (no ok row), parts read or written (of them ``kept``: not
+        wholly merged, never deleted), buffered rows, quarantined parts."""
+        return {"ok": len(self._ok), "failed": len(self._failed), "parts": len(self._merged) + len(self._kept),
+                "kept": len(self._kept), "buffered": len(self._buffer), "quarantined": len(self._quarantined)}
 
     # ---- writing -------------------------------------------------------------------------------
     def add(self, row: Mapping[str, Any]) -> bool:
         """Record one evaluation; False (and nothing stored) when ``row['key']`` already has an ok row.
 
-        The row is checked at once (ValueError naming the field), visible to :meth:`get` at once,
+        The row is checked at once (ValueError naming the field; a key that is not ``mask_key`` of
+        the row's own mask and fingerprints is refused), visible to :meth:`get` at once,
         and on disk once ``flush_every`` rows are buffered.
         """
         clean = normalize_row(row)
+        if not key_matches(clean):
+            raise ValueError(f"cache row field 'key': {clean['key']!r} is not the key of the row's mask_json, "
+                             f"model_fp and calibration_fp; compute it with search_spaces.mask_key(mask, "
+                             f"model_fp, calibration_fp)")
         if clean["key"] in self._ok:
             return False
-        self._index(clean)
+        self._index(clean, "")
         self._buffer.append(clean)
         if self.flush_every is not None and len(self._buffer) >= self.flush_every:
             self.flush()
@@ -249,33 +247,55 @@ class EvalCache:
     def flush(self) -> Path | None:
         """Write the buffered rows as one new part; return its path (None when nothing was buffered).
 
-        On failure (e.g. disk full) nothing is visible on disk and the rows stay buffered.
+        On failure nothing is visible on disk, the rows stay buffered, and an OSError with the same
+        errno says so, naming the directory and the fix (disk full: free space; a rerun resumes).
         """
         if not self._buffer:
             return None
-        path = write_part(self.directory, self._buffer)
-        self._parts.add(path.name)
+        try:
+            path = write_part(self.directory, self._buffer)
+        except OSError as exc:
+            raise _write_error(exc, self.directory, len(self._buffer)) from exc
+        for row in self._buffer:
+            if self._origin.get(row["key"]) == "" and self._ok.get(row["key"]) is row:
+                self._origin[row["key"]] = path.name
+        self._merged.add(path.name)
         self._buffer = []
         return path
 
     def compact(self) -> Path | None:
-        """Merge every part this instance has read or written into one; returns it (None: nothing to do).
+        """Merge every part whose rows this instance holds into one; returns it (None: nothing done).
 
         The merged part (one row per key: the winners, plus failures of keys without an ok row) is
         written atomically before the merged parts are deleted, so a crash in between leaves
-        duplicates that de-duplicate to the same rows. Call it when no other process writes here
-        (a campaign holds its run directory's lock).
+        duplicates that de-duplicate to the same rows. Parts not wholly merged (skipped, with rows
+        not served) are never deleted. Call it when no other process writes here (a campaign holds
+        its run directory's lock). It flushes first, raising as :meth:`flush` does (rows not on
+        disk are not housekeeping); a merge the file system refuses (read-only, full) is warned
+        about and returns None, the parts left as they are.
         """
         self.flush()
-        merged = [p for p in sorted(self.directory.glob(_PART_GLOB))
-                  if p.name in self._parts and not p.name.startswith(".")]
+        merged = [p for p in sorted(self.directory.glob(PART_GLOB)) if p.name in self._merged]
         if len(merged) < 2:
             return None
-        path = write_part(self.directory, self.rows(include_failed=True))
-        self._parts.add(path.name)
+        try:
+            path = write_part(self.directory, self.rows(include_failed=True))
+        except OSError as exc:
+            warnings.warn(f"could not compact the evaluation cache {self.directory} ({type(exc).__name__}: "
+                          f"{exc}); left its {len(merged)} parts as they are: no row is lost, reading is "
+                          f"only slower", RuntimeWarning, stacklevel=2)
+            return None
+        self._merged.add(path.name)
+        self._origin = dict.fromkeys(self._ok, path.name)
         for part in merged:
-            part.unlink(missing_ok=True)
-            self._parts.discard(part.name)
+            try:
+                remove(part)  # journaled, so a URI mirror deletes its copy too
+            except OSError as exc:
+                warnings.warn(f"could not delete {part} after compacting the evaluation cache into {path} "
+                              f"({type(exc).__name__}: {exc}); the parts left hold duplicates of its rows, "
+                              f"which read as the same rows", RuntimeWarning, stacklevel=2)
+                return None
+            self._merged.discard(part.name)
         return path
 
     def close(self) -> None:

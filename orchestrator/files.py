@@ -4,6 +4,11 @@
 dot-files), fsyncs it, renames it into place and fsyncs the directory, so a crash at any moment
 leaves the old file or the new one, never a torn one. :func:`write_via` does the same for writers
 that need a file handle (Parquet, CSV, safetensors).
+
+:func:`remove` is the one way a run's own file is deleted on purpose (e.g. cache parts merged by
+compaction): the name goes to the directory's ``.removed`` journal first, and the URI mirror
+deletes a remote file only when it is named there. A file that is merely missing locally (a
+cleaned staging directory) is never deleted remotely.
 """
 
 from __future__ import annotations
@@ -53,3 +58,17 @@ def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> Path:
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
     """``data`` as indented JSON, atomically."""
     return atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+#: The journal of files a run deleted on purpose, one name per line, per directory (a dot-file).
+REMOVED = ".removed"
+
+
+def remove(path: str | os.PathLike[str]) -> None:
+    """Delete ``path`` on purpose: journal its name in ``.removed`` (fsynced), then unlink it."""
+    path = Path(path)
+    with open(path.parent / REMOVED, "a", encoding="utf-8") as journal:
+        journal.write(path.name + "\n")
+        journal.flush()
+        os.fsync(journal.fileno())
+    path.unlink(missing_ok=True)

@@ -52,7 +52,9 @@ class Scorer:
 
     def cached(self, mask: Mask, window_set: str, model_fingerprint: str | None = None) -> float | None:
         """The cached perplexity of ``mask`` (counted as served), or None."""
-        row = self.cache.get(self.key(mask, window_set, model_fingerprint))
+        row = self.cache.get(self.key(mask, window_set, model_fingerprint),
+                             model_fp=model_fingerprint or self.model_fingerprint,
+                             calibration_fp=self.fingerprints[window_set])
         if row is None:
             return None
         self.counters.cached += 1
@@ -72,7 +74,7 @@ class Scorer:
         todo: list[Mask] = []
         keys = {mask: self.key(mask, window_set) for mask in masks}  # each mask keyed once
         for mask, key in keys.items():
-            row = self.cache.get(key)
+            row = self.cache.get(key, model_fp=self.model_fingerprint, calibration_fp=self.fingerprints[window_set])
             if row is None:
                 todo.append(mask)
             else:

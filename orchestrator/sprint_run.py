@@ -92,10 +92,11 @@ class SprintRun:
         scorer = self.scorer
         model_fp = scorer.model_fingerprint + tuned_fingerprint(request.tuned)
         row_key = scorer.key(request.mask, request.window_set, model_fp)
-        in_cache = scorer.cache.get(row_key) is not None
+        windows_fp = scorer.fingerprints[request.window_set]
+        in_cache = scorer.cache.get(row_key, model_fp=model_fp, calibration_fp=windows_fp) is not None
         if request.top_k == 0 and in_cache:
             return scorer.cached(request.mask, request.window_set, model_fp), None
-        key = request.key(scorer.model_fingerprint, scorer.fingerprints[request.window_set])
+        key = request.key(scorer.model_fingerprint, windows_fp)
         result = self.store.get(key)
         if result is None:
             arrays = [self.store.load_weight(sha) for _, sha in request.tuned]

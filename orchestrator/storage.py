@@ -24,12 +24,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import contextlib
 import threading
 from urllib.parse import parse_qsl, urlsplit
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .files import write_via
+from .files import REMOVED, atomic_write, write_via
 
 if TYPE_CHECKING:
     from pyarrow.fs import FileSystem
@@ -87,11 +88,20 @@ def uri_problem(output: str) -> str | None:
     return None
 
 
+def canonical_uri(output: str) -> str:
+    """One spelling per location: ``s3://b/runs/x/`` and ``s3://b/runs/x`` are the same run."""
+    if uri_scheme(output) is None:
+        return output
+    scheme, _, rest = output.partition("://")
+    return f"{scheme.lower()}://{rest.rstrip('/')}"
+
+
 def staging_dir(output: str) -> Path:
-    """The local working copy of a URI run directory: under rayprune's cache, one per URI."""
+    """The local working copy of a URI run directory: under rayprune's cache, one per location."""
     from actors.models import cache_dir
 
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", output.rstrip("/").rsplit("/", 1)[-1]) or "run"
+    output = canonical_uri(output)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", output.rsplit("/", 1)[-1]) or "run"
     return cache_dir() / "staging" / f"{name}-{hashlib.sha256(output.encode()).hexdigest()[:12]}"
 
 
@@ -104,10 +114,10 @@ class RunStorage:
     """Where a run directory lives. ``local`` is the directory the campaign writes to."""
 
     def __init__(self, output: str, *, interval_s: float = 60.0) -> None:
-        self.output, self.interval_s = output, interval_s
-        self.shown = redact_uri(output)  # what logs and errors say
+        self.output, self.interval_s = canonical_uri(output), interval_s
+        self.shown = redact_uri(self.output)  # what logs and errors say
         self.remote = uri_scheme(output) is not None
-        self.local = staging_dir(output) if self.remote else Path(output)
+        self.local = staging_dir(self.output) if self.remote else Path(output)
         self._fs: FileSystem | None = None
         self._root = ""
         self._pushed: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns) last uploaded
@@ -166,8 +176,17 @@ class RunStorage:
         return len(remote)
 
     def push(self) -> int:
-        """Mirror the staging directory to the URI; returns the number of files uploaded."""
+        """Mirror the staging directory to the URI; returns the number of files uploaded.
+
+        New and changed files are uploaded. A remote file is deleted only when this run deleted it
+        locally on purpose (its name is in a ``.removed`` journal, :func:`orchestrator.files.remove`),
+        never because it is missing locally: a vanished or emptied staging directory deletes nothing.
+        """
         if not self.remote:
+            return 0
+        if not self.local.is_dir():
+            log.warning("the staging directory %s is gone; nothing was mirrored, and %s keeps what it holds",
+                        self.local, self.shown)
             return 0
         with self._lock:
             fs, root = self._open()
@@ -184,10 +203,25 @@ class RunStorage:
                     continue
                 self._pushed[rel] = meta
                 uploaded += 1
-            for rel in set(self._remote_files()) - set(local):  # e.g. cache parts merged by compaction
-                fs.delete_file(f"{root}/{rel}")
-                self._pushed.pop(rel, None)
+            self._delete_removed(fs, root, local)
             return uploaded
+
+    def _delete_removed(self, fs: FileSystem, root: str, local: dict[str, tuple[int, int]]) -> None:
+        """Delete remotely what the run deleted locally on purpose; then empty the journals."""
+        remote = self._remote_files()
+        for journal in self.local.rglob(REMOVED):
+            folder = journal.parent.relative_to(self.local)
+            names = {n for n in journal.read_text(encoding="utf-8").split("\n") if n}
+            for name in names:
+                rel = (folder / name).as_posix()
+                if rel in remote and rel not in local:
+                    fs.delete_file(f"{root}/{rel}")
+                self._pushed.pop(rel, None)
+            left = {n for n in journal.read_text(encoding="utf-8").split("\n") if n} - names  # added meanwhile
+            if left:
+                atomic_write(journal, "\n".join(sorted(left)) + "\n")
+            else:
+                journal.unlink(missing_ok=True)
 
     def __enter__(self) -> RunStorage:
         """Pull, then mirror in the background until the block ends; the final mirror runs on exit."""
@@ -203,7 +237,9 @@ class RunStorage:
             self._stop.set()
             self._thread.join()
             self._thread = None
-        if not self.remote:
+        if not self.remote:  # no mirror reads the journals of deleted files: they are done with
+            for journal in self.local.rglob(REMOVED) if self.local.is_dir() else ():
+                journal.unlink(missing_ok=True)
             return
         try:
             n = self.push()
@@ -221,3 +257,21 @@ class RunStorage:
                 self.push()
             except Exception as exc:  # noqa: BLE001 - a storage hiccup must not stop the campaign
                 log.warning("mirroring to %s failed (%s); retrying in %.0f s", self.shown, exc, self.interval_s)
+
+
+@contextlib.contextmanager
+def local_run(spec: str, *, write_back: bool = False) -> Iterator[Path]:
+    """A run directory named by a path or a URI, as a local path: a URI is pulled into its staging
+    directory first (and, with ``write_back``, what the command wrote is mirrored back after)."""
+    if uri_scheme(spec) is None:
+        yield Path(spec)
+        return
+    if problem := uri_problem(spec):
+        raise ValueError(problem)
+    storage = RunStorage(spec)
+    if storage.pull() == 0:
+        raise ValueError(f"{storage.shown} holds no run directory; check the URI (and the credentials in the "
+                         f"environment)")
+    yield storage.local
+    if write_back:
+        storage.push()

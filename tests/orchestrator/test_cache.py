@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import orchestrator.cache as cache_module
+import orchestrator.cache_parts as cache_parts_module
 from orchestrator.cache import SCHEMA, SCHEMA_VERSION, CorruptPartWarning, EvalCache
 from search_spaces import Block, Mask, mask_key
 
@@ -231,12 +232,13 @@ class TestParquetParts:
             assert len(EvalCache(tmp_path)) == 0
 
     def test_no_pickle_anywhere(self, tmp_path):
-        tree = ast.parse(inspect.getsource(cache_module))
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
-        imported |= {node.module.split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.module}
-        assert not imported & {"pickle", "cloudpickle", "dill", "joblib", "shelve"}
+        for module in (cache_module, cache_parts_module):
+            tree = ast.parse(inspect.getsource(module))
+            imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                        if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+            imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                         if isinstance(node, ast.ImportFrom) and node.module}
+            assert not imported & {"pickle", "cloudpickle", "dill", "joblib", "shelve"}, module.__name__
         EvalCache(tmp_path).add(make_row(0, ppl=float("nan")))
         part = self.parts(tmp_path)[0]
         schema = pq.read_schema(part)

@@ -12,6 +12,7 @@ import pytest
 from orchestrator.campaign import Campaign
 from orchestrator.config import ConfigError
 from orchestrator.config_load import load_config
+from orchestrator.files import remove
 from orchestrator.storage import RunStorage, staging_dir, uri_problem, uri_scheme
 from tests.tiny import tiny_campaign_config, tiny_run_setup
 
@@ -39,7 +40,7 @@ def test_a_path_is_used_as_it_is(tmp_path):
     assert storage.push() == 0 and storage.pull() == 0
 
 
-def test_mirror_uploads_changes_skips_dotfiles_and_deletes_what_is_gone(tmp_path, staging):
+def test_mirror_uploads_changes_skips_dotfiles_and_deletes_what_is_gone(tmp_path, staging, monkeypatch):
     remote = tmp_path / "bucket" / "run"
     storage = RunStorage(f"file://{remote}", interval_s=3600)
     assert storage.local == staging_dir(f"file://{remote}") and storage.local.is_relative_to(tmp_path / "cache")
@@ -53,12 +54,13 @@ def test_mirror_uploads_changes_skips_dotfiles_and_deletes_what_is_gone(tmp_path
 
     assert storage.push() == 0  # nothing changed
     (storage.local / "path.json").write_text('{"steps": []}')
-    (storage.local / "evals" / "part-1.parquet").unlink()  # compaction merged it ...
+    remove(storage.local / "evals" / "part-1.parquet")  # compaction merged it (journaled) ...
     (storage.local / "evals" / "part-9.parquet").write_bytes(b"b" * 20)  # ... into this one
     assert storage.push() == 2
     assert tree(remote) == {"evals/part-9.parquet": b"b" * 20, "path.json": b'{"steps": []}'}
 
     # Another machine (another staging directory) resumes from what reached the storage.
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "other-machine"))
     other = RunStorage(f"file://{remote}/")
     assert other.local != storage.local and other.pull() == 2
     assert tree(other.local) == tree(remote)
