@@ -8,12 +8,22 @@ it, so a 70B export never materialises the dense model.
 
 SPRINT's refitted ``down_proj`` weights (``tuned``) are written in place of the originals; the
 ``rayprune`` entry lists them by content hash, and ``load_pruned`` restores them with the rest.
+
+An export replaces its output directory as a whole, so it only ever replaces what an export wrote:
+every export carries the marker file ``rayprune-export.json`` (JSON ``{"format": 1}``), and
+``check_export_target`` refuses a run directory, the source model, a directory holding either, and
+any non-empty directory that is not an earlier export, before a weight is loaded. Each export writes
+into its own staging directory ``.<name>.tmp-<pid>-<random>`` beside the output (a dot-dir: the URI
+mirror skips it) and swaps it in by renames; a failure removes the staging directory and leaves the
+previous output untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -25,6 +35,26 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 FORMAT_VERSION = 1
+
+
+class UnsafeExportTarget(ValueError):
+    """The output directory is not one an export may replace (the message says why and what to do)."""
+
+
+#: The marker file every export writes; its JSON names the layout of the directory. Not a dot-file:
+#: the URI mirror skips those, and a pulled export must still be recognised as one.
+MARKER = "rayprune-export.json"
+MARKER_FORMAT = 1
+#: What an export writes (besides ``*.safetensors``): all an older, unmarked export may hold.
+EXPORT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors.index.json", "pruning_config.json", MARKER,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "chat_template.jinja", "chat_template.json",
+})
+#: Any of these makes a directory a run directory, never to be replaced. A campaign writes its lock and
+#: config.yaml first; the removal path (named by ``orchestrator.rundir`` alone) comes later, and a
+#: directory holding it without these is still refused, as a non-empty directory that is not an export.
+RUN_DIR_FILES = ("config.yaml", "evals", "calibration.parquet", ".lock")
 
 
 def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
@@ -54,20 +84,162 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
 
 def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
                    tuned: Mapping[int, Any] | None = None) -> Path:
-    """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``."""
+    """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``;
+    returns the output directory, resolved.
+
+    ``out_dir`` may not exist yet, be empty, or hold an earlier export (``check_export_target``,
+    checked before any weight is loaded and again just before the swap); anything else is a
+    ValueError and nothing is touched. A failure while writing raises OSError (ValueError from the
+    checks) after removing the staging directory; the previous ``out_dir`` is then untouched.
+    """
     from .models import load_tokenizer, read_model_config, resolve_model
 
+    out = output_path(out_dir)
+    check_export_target(out, model)
     pruned = compact_model(model, mask, dtype=dtype, tuned=tuned)
     arch = Arch.from_hf_config(read_model_config(model))
-    out = Path(out_dir)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    pruned.save_pretrained(staging)
-    load_tokenizer(resolve_model(model)).save_pretrained(staging)
-    (staging / "pruning_config.json").write_text(json.dumps(mask_to_pruning_config(mask, arch), indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(staging, out)
+    source = resolve_model(model)
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        staging.mkdir(parents=True)  # not exist_ok: the name is this export's alone
+        pruned.save_pretrained(staging)
+        load_tokenizer(source).save_pretrained(staging)
+        (staging / "pruning_config.json").write_text(json.dumps(mask_to_pruning_config(mask, arch), indent=2) + "\n")
+        (staging / MARKER).write_text(json.dumps({"format": MARKER_FORMAT}) + "\n")
+        check_export_target(out, model, source=source)  # the directory may have changed meanwhile
+        _swap_in(staging, out)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, UnsafeExportTarget) or not isinstance(exc, Exception):
+            raise  # a refusal (it says what to do), or an interrupt
+        raise OSError(_failure_message(out, exc)) from exc
     return out
+
+
+def output_path(out_dir: str | os.PathLike[str]) -> Path:
+    """``out_dir`` resolved (symbolic links of its parents followed); ValueError for a link or ``/``."""
+    out = Path(out_dir)
+    if out.is_symlink():
+        raise _refusal(out, "is a symbolic link (to " + os.readlink(out) + ")")
+    out = out.resolve()
+    if not out.name:
+        raise _refusal(out, "is the root of the file system")
+    return out
+
+
+def check_export_target(out: Path, model: str, *, source: Path | None = None) -> None:
+    """Refuse (ValueError naming ``out``, why, and the fix) any ``out`` an export may not replace.
+
+    Allowed: a path that does not exist, an empty directory, a directory with the export marker, or
+    an older export (config.json with a ``rayprune`` entry) holding nothing but files an export
+    writes. Never a run directory, the source ``model`` (resolved with ``resolve_model`` unless
+    ``source`` is given) or a directory holding either. Resolves the model only when ``out`` exists.
+    """
+    if out.is_symlink():
+        raise _refusal(out, "is a symbolic link")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise _refusal(out, "is a file, not a directory")
+    if found := _run_dir_files(out):
+        raise _refusal(out, f"is a run directory (it holds {', '.join(found)})")
+    if source is None:
+        from .models import resolve_model
+
+        source = resolve_model(model)
+    source = Path(source).resolve()
+    if out.resolve() == source:
+        raise _refusal(out, f"is the source model {model!r}")
+    if out.resolve() in source.parents:
+        raise _refusal(out, f"contains the source model {model!r} ({source})")
+    entries = sorted(out.iterdir())
+    if not entries:
+        return
+    dirs = [e for e in entries if e.is_dir()]
+    for entry in dirs:
+        if _run_dir_files(entry):
+            raise _refusal(out, f"contains the run directory {entry}")
+    if dirs:
+        raise _refusal(out, f"holds the subdirectories {_names(dirs)}, which no export writes, so it is not an export")
+    if _has_marker(out):
+        return
+    foreign = [e for e in entries if e.name not in EXPORT_FILES and not e.name.endswith(".safetensors")]
+    if _has_rayprune_config(out) and not foreign:
+        return  # an export written before the marker existed
+    why = f"it holds {_names(foreign)}, which no export writes" if foreign else f"it has no {MARKER} marker"
+    raise _refusal(out, f"is a non-empty directory that is not a rayprune export ({why})")
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the complete ``staging`` in place of ``out``: the previous ``out`` moves aside (a dot-dir),
+    ``staging`` is renamed to ``out``, then the previous one is deleted. If the rename fails, the
+    previous one goes back; if another export took the place meanwhile, its output is moved aside in turn."""
+    for attempt in range(3):
+        previous: Path | None = out.with_name(f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            os.replace(out, previous)
+        except FileNotFoundError:
+            previous = None
+        try:
+            os.replace(staging, out)
+        except OSError as exc:
+            if previous is not None:
+                if out.exists():  # another export's output is in place: ours was superseded anyway
+                    shutil.rmtree(previous, ignore_errors=True)
+                else:
+                    os.replace(previous, out)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) and attempt < 2:
+                continue
+            raise
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+        return
+
+
+def _failure_message(out: Path, exc: BaseException) -> str:
+    """One line for a failed write: where, why, what is left, what to do."""
+    if isinstance(exc, OSError) and exc.strerror:
+        why = exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or any(
+        s in str(exc) for s in ("No space left", "StorageFull", "os error 28"))
+    left = f"the previous {out} is untouched" if out.exists() else f"nothing was written to {out}"
+    fix = (f"free disk space on the file system of {out.parent}, or choose an --out on another disk, and export again"
+           if full else "fix that and export again")
+    return f"export to {out} failed: {why}; the partial export was removed and {left}; {fix}"
+
+
+def _refusal(out: Path, why: str) -> UnsafeExportTarget:
+    return UnsafeExportTarget(f"cannot export to {out}: it {why}, and an export replaces its output directory as a whole; "
+                      f"choose a new --out (a directory that does not exist yet, an empty one, or an earlier export)")
+
+
+def _run_dir_files(path: Path) -> list[str]:
+    return [name for name in RUN_DIR_FILES if (path / name).exists()]
+
+
+def _names(paths: list[Path], most: int = 5) -> str:
+    names = [p.name + ("/" if p.is_dir() else "") for p in paths]
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _has_marker(path: Path) -> bool:
+    """Whether ``path`` holds a readable export marker (``{"format": N}``)."""
+    try:
+        marker = json.loads((path / MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(marker, dict) and isinstance(marker.get("format"), int)
+
+
+def _has_rayprune_config(path: Path) -> bool:
+    """Whether ``path/config.json`` has the ``rayprune`` entry every export writes."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("rayprune"), dict)
 
 
 def set_tuned_(model: PreTrainedModel, mask: Mask, tuned: Mapping[int, Any]) -> dict[str, str]:

@@ -7,7 +7,9 @@
 - ``rayprune export MODEL --pruning-config FILE --out DIR``: a MultiPruner ``pruning_config.json``
   (such as those published with the paper) applied to its model.
 
-The result loads with ``actors.export.load_pruned`` (stock transformers classes).
+The result loads with ``actors.export.load_pruned`` (stock transformers classes). An export never
+replaces what it did not write (``actors.export.check_export_target``); one that writes into a run
+directory holds the run's lock, so it waits for no one and is refused while a campaign runs there.
 """
 
 from __future__ import annotations
@@ -18,12 +20,17 @@ from pathlib import Path
 
 from search_spaces import Mask
 
-from .rundir import RunDir, step_entry
+from .rundir import RunDir, RunDirectoryBusy, step_entry
 
 
 def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out: str | os.PathLike[str] | None = None,
                dtype: str = "float32") -> Path:
-    """Write the model after ``step`` of a run's path (None: the last step) to ``out``."""
+    """Write the model after ``step`` of a run's path (None: the last step) to ``out``.
+
+    An ``out`` inside the run directory (the default) is written under the run's lock:
+    RunDirectoryBusy while a campaign (or another export) holds it. ValueError for a step off the
+    path, a run without a model, or an ``out`` an export may not replace.
+    """
     from actors.export import export_compact
 
     rundir = RunDir(run_dir)
@@ -37,9 +44,28 @@ def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out:
     if not 0 <= step <= last:
         raise ValueError(f"step {step} is not on the path of {rundir.path} (0..{last}); pick one of those")
     entry = step_entry({"steps": steps}, step)
-    default = rundir.file("model" if step == last else f"model-step-{step}")
-    return export_compact(str(model), Mask.from_dict(entry["mask"]), Path(out) if out else default, dtype=dtype,
-                          tuned=rundir.step_weights(entry))
+    target = Path(out) if out else rundir.file("model" if step == last else f"model-step-{step}")
+    if not _inside(target, rundir.path):
+        return export_compact(str(model), Mask.from_dict(entry["mask"]), target, dtype=dtype,
+                              tuned=rundir.step_weights(entry))
+    try:
+        rundir.lock()
+    except RunDirectoryBusy:
+        raise RunDirectoryBusy(
+            f"{rundir.path} is locked: a campaign is running there (or another export), and a campaign writes "
+            f"its own {rundir.file('model')} at its end; wait for it to finish and export again, or give an --out "
+            f"outside the run directory") from None
+    try:
+        return export_compact(str(model), Mask.from_dict(entry["mask"]), target, dtype=dtype,
+                              tuned=rundir.step_weights(entry))
+    finally:
+        rundir.unlock()
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` is ``directory`` or lies under it (symbolic links followed)."""
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
 
 
 def export_pruning_config(model: str, pruning_config: str | os.PathLike[str], out: str | os.PathLike[str], *,
