@@ -75,6 +75,10 @@ class Campaign:
 
         arch = Arch.from_hf_config(read_model_config(self.config.model))
         windows = campaign_windows(self.config)
+        if changed := self.rundir.keep_history(self.config):
+            log.warning("%s ran before with other settings (%s changed): its earlier path.json and config.yaml "
+                        "are kept in %s; the cache is kept too", self.run_dir, ", ".join(changed),
+                        self.run_dir / "history")
         self.rundir.write_config(self.config)
         self.rundir.write_calibration(windows["calibration"])
         return arch, windows
@@ -135,7 +139,10 @@ class Campaign:
         self.rundir.write_json("pruning_config.json", mask_to_pruning_config(searcher.current, arch))
         if (summary := searcher.summary()) is not None:  # what a whole-mask search found (Optuna: every trial)
             self.rundir.write_json("search.json", summary)
-        if self.config.export:
+        if not self.config.export:
+            for problem in self.rundir.stale_artefacts(path):
+                log.warning("export: false, and %s", problem)
+        else:
             from actors.export import export_compact
 
             export_compact(self.config.model, searcher.current, self.run_dir / "model",

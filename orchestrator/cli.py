@@ -44,8 +44,10 @@ def summary(run_dir: Path) -> str:
 
 def _report(args: argparse.Namespace) -> int:
     from .report import write_report
+    from .storage import local_run
 
-    print(write_report(Path(args.run_dir)))
+    with local_run(args.run_dir, write_back=True) as run_dir:
+        print(write_report(run_dir))
     return 0
 
 
@@ -56,9 +58,12 @@ def _eval(args: argparse.Namespace) -> int:
         from actors.zeroshot import check_tasks
 
         check_tasks(args.tasks)  # before minutes of model loading
-    result = evaluate_model(load_target(args.model_or_run), corpus=args.corpus, sequences=args.sequences,
-                      length=args.length, seed=args.seed, tasks=args.tasks or (), batch_size=args.batch_size,
-                      limit=args.limit)
+    from .storage import local_run
+
+    with local_run(args.model_or_run) as spec:  # a run directory behind a URI is pulled first
+        target = load_target(args.model_or_run if spec == Path(args.model_or_run) else str(spec))
+    result = evaluate_model(target, corpus=args.corpus, sequences=args.sequences, length=args.length, seed=args.seed,
+                            tasks=args.tasks or (), batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 
@@ -90,15 +95,17 @@ def _export(args: argparse.Namespace) -> int:
     from actors.export import load_pruned
 
     from .export import export_pruning_config, export_run
+    from .storage import local_run, uri_scheme
 
     if args.pruning_config:
         if args.step is not None or not args.out:
             raise ValueError("with --pruning-config, SOURCE is a model: give --out DIR (and no --step)")
         out = export_pruning_config(args.source, args.pruning_config, args.out, dtype=args.dtype)
-    elif not Path(args.source).is_dir():
+    elif uri_scheme(args.source) is None and not Path(args.source).is_dir():
         raise ValueError(f"{args.source} is not a run directory; to prune a model, add --pruning-config FILE --out DIR")
-    else:
-        out = export_run(args.source, step=args.step, out=args.out, dtype=args.dtype)
+    else:  # a run directory behind a URI is pulled first; its new model/ is mirrored back
+        with local_run(args.source, write_back=args.out is None) as run_dir:
+            out = export_run(run_dir, step=args.step, out=args.out, dtype=args.dtype)
     rayprune = json.loads((out / "config.json").read_text())["rayprune"]
     print(f"compact model written to {out}: {rayprune['params']:,} parameters"
           f"{', refitted down_proj in MLP layers ' + ', '.join(rayprune['tuned']) if rayprune.get('tuned') else ''}; "
@@ -216,8 +223,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``argv``; ``KEY=VALUE`` overrides may also follow options (``run CFG --no-progress a.b=1``)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if isinstance(getattr(args, "overrides", None), list) and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from cluster.placement import PlacementError

@@ -2,8 +2,9 @@
 
 What ``MODEL_OR_RUN`` names decides what is evaluated:
 
-- a run directory (it holds ``path.json`` or ``config.yaml``): its compact export ``model/``; a run
-  without one gets the final mask of ``path.json`` applied in memory to the configured model (L1
+- a run directory (it holds ``path.json`` or ``config.yaml``): its compact export ``model/`` when it
+  holds the final model of ``path.json`` (a stale ``model/``, left by an earlier run, is named in a
+  warning and not used); a run without one gets the final mask of ``path.json`` applied in memory to the configured model (L1
   reordered, physically sliced, SPRINT's refitted ``down_proj`` weights restored: what
   ``export_compact`` would write). The held-out settings default to the run's ``data.corpus`` and
   ``data.evaluation``, so the figure repeats the run's own;
@@ -14,12 +15,15 @@ What ``MODEL_OR_RUN`` names decides what is evaluated:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("rayprune")
 
 
 @dataclass
@@ -66,7 +70,10 @@ def load_target(spec: str) -> Target:
         config = rundir.read_config()
         run_path = rundir.read_path() if rundir.has_path() else None
         recorded = (run_path or {}).get("heldout")
-        if _is_export(path / "model"):
+        stale = rundir.stale_artefacts(run_path) if run_path is not None else []
+        for problem in stale:
+            log.warning("%s: %s", path, problem)
+        if _is_export(path / "model") and not any(p.startswith("model/") for p in stale):
             return Target(load_pruned(path / "model"), load_tokenizer(path / "model"), "run export",
                           str(path / "model"), _run_evaluation(config), recorded)
         if not config.get("model") or run_path is None:

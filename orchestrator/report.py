@@ -128,6 +128,19 @@ def _cost_lines(path: dict) -> list[str]:
                         "run serves earlier results from the cache).", ""]
 
 
+def _refresh_pruning_config(rundir: RunDir, path: dict, mask: Mask) -> list[str]:
+    """Rewrite a stale ``pruning_config.json`` from ``path.json``; returns what is still stale (model/)."""
+    stale = rundir.stale_artefacts(path)
+    if any(p.startswith("pruning_config.json") for p in stale) and isinstance(path.get("arch"), dict):
+        from search_spaces import Arch
+        from search_spaces.pruning_config import mask_to_pruning_config
+
+        rundir.write_json("pruning_config.json", mask_to_pruning_config(mask, Arch(**path["arch"])))
+        log.info("%s: pruning_config.json rewritten from path.json (it held an earlier mask)", rundir.path)
+        stale = [p for p in stale if not p.startswith("pruning_config.json")]
+    return stale
+
+
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md``, ``curve.png`` and ``mask.png`` into ``run_dir``; returns the report's path."""
     from .plots import write_curve, write_mask
@@ -136,6 +149,7 @@ def write_report(run_dir: Path) -> Path:
     rundir = RunDir(run_dir)
     path, config = rundir.read_path(), rundir.read_config()
     mask = final_mask(path)
+    stale = _refresh_pruning_config(rundir, path, mask)
     lines = [f"# rayprune report: {run_dir.name}", ""] + _summary(path, config, mask)
     lines += ["## Dense vs pruned", ""] + _quality_table(path)
     lines += ["## Removal path", "", path_table(path), ""]
@@ -152,6 +166,10 @@ def write_report(run_dir: Path) -> Path:
     from .report_search import search_section
 
     lines += search_section(run_dir, path)
+    if stale:
+        lines += ["## Stale files", "", *(f"- {problem}" for problem in stale), ""]
+        for problem in stale:
+            log.warning("%s: %s", run_dir, problem)
     cost = _cost_lines(path)
     if cost:
         lines += ["## Time and evaluations", ""] + cost

@@ -138,6 +138,31 @@ class RunDir:
             raise ValueError(f"{file} is not a config (a mapping of keys); fix it or rerun the campaign")
         return config
 
+    def keep_history(self, config: Config) -> list[str]:
+        """Before ``config`` replaces the run's ``config.yaml``: when it changes what the path means
+        (model, data, method or its settings; not the target, the cluster or the output), move the
+        earlier ``path.json``, ``config.yaml`` and ``pruning_config.json`` to ``history/<time>/``.
+        Returns the changed keys (empty: nothing moved). The cache stays: its rows are keyed by
+        model and windows, so nothing is served across the change."""
+        import time
+
+        import yaml
+
+        from .config_load import to_yaml
+
+        old = self.read_config()
+        if not old or not self.has_path():
+            return []
+        changed = sorted(k for k in _differing(_flat(old), _flat(yaml.safe_load(to_yaml(config))))
+                         if k.split(".")[0] not in _SAME_PATH_TOP and k not in _SAME_PATH_KEYS)
+        if changed:
+            target = self.path / "history" / time.strftime("%Y%m%d-%H%M%S")
+            target.mkdir(parents=True, exist_ok=True)
+            for name in (PATH_FILE, CONFIG_FILE, "pruning_config.json"):
+                if self.file(name).is_file():
+                    os.replace(self.file(name), target / name)
+        return changed
+
     def write_config(self, config: Config) -> None:
         from .config_load import to_yaml
 
@@ -155,6 +180,41 @@ class RunDir:
 
     def write_text(self, name: str, text: str) -> Path:
         return atomic_write(self.file(name), text)
+
+    # ---- artefacts and the path they must match ------------------------------------------------------
+    def stale_artefacts(self, path: Mapping[str, Any] | None = None) -> list[str]:
+        """What in the run directory holds another model than ``path.json`` says (one line each):
+        ``model/`` vs the final step, ``model-step-K/`` vs step K, ``pruning_config.json`` vs the
+        final mask. Empty when everything matches (or there is nothing to compare)."""
+        from search_spaces import Arch
+        from search_spaces.pruning_config import mask_to_pruning_config
+
+        path = self.read_path() if path is None else path
+        steps = path["steps"]
+        found = []
+        exports = {len(steps): self.file("model")}
+        exports.update({int(d.name.rsplit("-", 1)[1]): d for d in self.path.glob("model-step-*")
+                        if d.name.rsplit("-", 1)[1].isdigit() and int(d.name.rsplit("-", 1)[1]) <= len(steps)})
+        for step, directory in sorted(exports.items()):
+            held = exported_model(directory)
+            if held is None:
+                continue
+            entry = step_entry(path, step)
+            expected = (_as_mask(entry["mask"]), dict(entry.get("tuned_weights") or {}))
+            if (_as_mask(held[0]), held[1]) != expected:
+                found.append(f"{directory.name}/ holds another model than step {step} of {PATH_FILE} "
+                             f"(an earlier run's); rebuild it with `rayprune export {self.path}"
+                             f"{'' if step == len(steps) else f' --step {step}'}`")
+        pruning_config = self.file("pruning_config.json")
+        if pruning_config.is_file() and isinstance(path.get("arch"), dict):
+            expected = mask_to_pruning_config(final_mask(path), Arch(**path["arch"]))
+            try:
+                held_config = json.loads(pruning_config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                held_config = None
+            if held_config != json.loads(json.dumps(expected)):
+                found.append(f"pruning_config.json holds another mask than the final step of {PATH_FILE}")
+        return found
 
     def step_weights(self, entry: Mapping[str, Any]) -> dict[int, np.ndarray]:
         """MLP layer -> refitted ``down_proj`` of the model after a path step (a ``path.json``
@@ -184,6 +244,43 @@ def final_mask(path: dict) -> Mask:
         else:
             mask = mask.with_mlp_width(s["layer"], s["width"])
     return mask
+
+
+#: Keys that change where a search stops or where it runs, not what its path means.
+_SAME_PATH_TOP = {"name", "output", "export", "cluster"}
+_SAME_PATH_KEYS = {"search.target_ratio", "search.max_steps", "search.target_speedup"}
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
+
+
+def _differing(a: Mapping[str, Any], b: Mapping[str, Any]) -> set[str]:
+    return {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+
+
+def _as_mask(data: Mapping[str, Any]) -> Mask:
+    from search_spaces import Mask
+
+    return Mask.from_dict(data)
+
+
+def exported_model(directory: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
+    """(mask, refitted weights by layer) that a compact export in ``directory`` records in its
+    ``config.json`` (``rayprune`` entry); None when ``directory`` is not such an export."""
+    try:
+        entry = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("rayprune")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(entry, dict) or not isinstance(entry.get("mask"), dict):
+        return None
+    return entry["mask"], dict(entry.get("tuned") or {})
 
 
 def step_entry(path: Mapping[str, Any], step: int) -> dict[str, Any]:
