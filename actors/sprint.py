@@ -109,7 +109,9 @@ def _dense(swap: TunedSwap) -> Iterator[None]:
 
 def _seq_score(o: torch.Tensor, c: torch.Tensor) -> float:
     """sum over sequences of |o - c| / |o| (Frobenius norms over tokens x hidden per sequence)."""
-    o, c = o.float().flatten(1), c.float().flatten(1)  # (B, T*H)
+    # On a replica over k GPUs a branch whose last kept block sits on an earlier device than o's
+    # (every block after the candidate removed) arrives there: compare on o's device.
+    o, c = o.float().flatten(1), c.to(o.device).float().flatten(1)  # (B, T*H)
     return float(((o - c).norm(dim=1) / o.norm(dim=1).clamp_min(1e-30)).double().sum())
 
 
@@ -253,8 +255,10 @@ def _tune(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request:
             dense = _walk_checkpoints(decoder, windows, batch_size, Mask(), every)
         memo.put(request.window_set, dense_key, dense)
     widths = {s: mask.mlp_kept(targets[s] // 2, arch.intermediate_size) for s in tunable}
-    device = decoder.layers[0].mlp.down_proj.weight.device
-    fits = {s: DownProjFit(widths[s], arch.hidden_size, device) for s in tunable}
+    # Each refit lives on its target layer's device (a replica over k GPUs), where z, the targets
+    # and the weight it replaces are.
+    device = {s: decoder.layers[targets[s] // 2].mlp.down_proj.weight.device for s in tunable}
+    fits = {s: DownProjFit(widths[s], arch.hidden_size, device[s]) for s in tunable}
     per_batch = 2 * windows[:1].numel() * arch.hidden_size * decoder.layers[0].mlp.down_proj.weight.element_size()
     keep = per_batch * windows.shape[0] * len(tunable) <= STORE_BYTES
     stored: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -266,6 +270,9 @@ def _tune(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request:
         c = _nearest(streams, s)
         h = decoder.run(streams[c][rows], mask, c, s)  # stream entering s
         g = decoder.run(h, mask.remove(Block.from_index(s)), s, targets[s])
+        # Skipping s may leave g on an earlier device than target(s) (s first on its GPU, or every
+        # block between removed): the target MLP, its residual and targets are on target(s)'s device.
+        g = g.to(device[s])
         after = targets[s] + 1
         o = streams[after][rows] if after in streams else decoder.run(h, mask, s, after)
         if keep:

@@ -130,9 +130,11 @@ def reorder_by_l1_(model: PreTrainedModel, arch: Arch) -> PreTrainedModel:
             q = attn.q_proj.weight.abs().view(units, g * hd, -1).sum((1, 2))  # (units,)
             k = attn.k_proj.weight.abs().view(units, hd, -1).sum((1, 2))
             v = attn.v_proj.weight.abs().view(units, hd, -1).sum((1, 2))
-            unit_order = _descending(q + k + v)  # (units,)
-            q_rows = (unit_order[:, None] * g * hd + torch.arange(g * hd)).reshape(-1)
-            kv_rows = (unit_order[:, None] * hd + torch.arange(hd)).reshape(-1)
+            unit_order = _descending(q + k + v)  # (units,), on the layer's device
+            # Index tensors live where the indexed weights do (a replica over k GPUs): the aranges too.
+            device = unit_order.device
+            q_rows = (unit_order[:, None] * g * hd + torch.arange(g * hd, device=device)).reshape(-1)
+            kv_rows = (unit_order[:, None] * hd + torch.arange(hd, device=device)).reshape(-1)
             _permute_rows_(attn.q_proj, q_rows)
             _permute_rows_(attn.k_proj, kv_rows)
             _permute_rows_(attn.v_proj, kv_rows)
