@@ -17,11 +17,42 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 
+def dtype_suffix(dtype: str) -> str:
+    """What a replica's dtype adds to its model fingerprint: nothing for ``float32`` (so caches
+    written before the dtype was a setting stay valid), ``+bfloat16`` / ``+float16`` otherwise."""
+    return "" if dtype == "float32" else f"+{dtype}"
+
+
+def load_device(device_map: str | dict | None) -> str:
+    """The device type a replica loaded with ``device_map`` computes on, before loading it:
+    ``cpu`` for None (or a map onto CPUs only), ``cuda`` for ``cuda``/``cuda:N``, a GPU index in a map,
+    or ``auto`` with a GPU visible."""
+    import torch
+
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, dict):
+        places = list(device_map.values())
+    elif device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        places = [device_map]
+    on_gpu = any(isinstance(p, int) and not isinstance(p, bool) or str(p).startswith("cuda") for p in places)
+    return "cuda" if on_gpu else "cpu"
+
+
 class Evaluator:
     """Holds one replica and named token-window sets (e.g. ``calibration``, ``evaluation``).
 
     The replica is L1-reordered once (``reorder``), as every export is, so width masks mean the
     same thing everywhere; the fingerprint says so, keeping cache keys honest.
+
+    ``dtype`` (``auto``, ``bfloat16``, ``float16``, ``float32``) is resolved for the device the
+    replica loads on (``actors.models.resolve_dtype``: ``auto`` is bf16 on a CUDA device with native
+    bf16, else fp16 on CUDA, fp32 on a CPU) and the weights load in it, never upcast; the loss stays
+    fp32 (``LeanDecoder.nll``). fp32 on CUDA enables TF32 matmuls. A dtype other than fp32 is part
+    of the fingerprint (``+bfloat16``, ``+float16``), so a cache never serves scores of another
+    dtype; fp32 keeps the fingerprint it always had.
     """
 
     def __init__(
@@ -31,7 +62,7 @@ class Evaluator:
         *,
         batch_size: int = 4,
         num_threads: int | None = None,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device_map: str | dict | None = None,
         reorder: bool = True,
     ) -> None:
@@ -42,30 +73,36 @@ class Evaluator:
         from .engine import Engine
         from .fingerprint import model_fingerprint
         from .forward import LeanDecoder
-        from .models import load_model, resolve_model
+        from .models import load_model, resolve_dtype, resolve_model
         from .surgery import reorder_by_l1_
 
         if num_threads:
             torch.set_num_threads(num_threads)
         t0 = time.perf_counter()
         path = resolve_model(model)
-        self.model = load_model(path, dtype=dtype, device_map=device_map)
+        torch_dtype = resolve_dtype(dtype, load_device(device_map))
+        self.dtype = str(torch_dtype).removeprefix("torch.")
+        self.model = load_model(path, dtype=torch_dtype, device_map=device_map)
         self.arch = Arch.from_hf_config(self.model.config.to_dict())
         if reorder:  # widths keep the most important channels/units first (a pure permutation)
             reorder_by_l1_(self.model, self.arch)
         self.device = self.model.model.embed_tokens.weight.device
+        if self.device.type == "cuda" and torch_dtype == torch.float32:  # fp32 on CUDA: TF32 matmuls
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         # On a CPU, one concurrent candidate stream per thread beats spreading every kernel (bench/).
         streams = torch.get_num_threads() if self.device.type == "cpu" else 1
         self.engine = Engine(LeanDecoder(self.model, self.arch), batch_size=batch_size, streams=streams)
         self.windows = {name: torch.tensor(np.asarray(w), dtype=torch.long, device=self.device)
                         for name, w in windows.items()}
-        self.model_fingerprint = model_fingerprint(path) + ("+l1" if reorder else "")
+        self.model_fingerprint = (model_fingerprint(path) + ("+l1" if reorder else "")
+                                  + dtype_suffix(self.dtype))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.load_seconds = time.perf_counter() - t0
 
     def info(self) -> dict[str, Any]:
         return {"worker": self.worker, "pid": os.getpid(), "model_fingerprint": self.model_fingerprint,
-                "load_seconds": self.load_seconds, "device": str(self.device),
+                "load_seconds": self.load_seconds, "device": str(self.device), "dtype": self.dtype,
                 "threads": __import__("torch").get_num_threads()}
 
     def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:

@@ -64,11 +64,13 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
 
     ``tuned``: MLP layer -> refitted ``down_proj`` weight (``H x kept width``, numpy or torch, of the
     L1-reordered model, as SPRINT produces them); ValueError for a removed layer or a wrong shape.
+    ``dtype``: ``float32``, ``bfloat16``, ``float16``, or ``auto``: the dtype the checkpoint is stored
+    in (``actors.models.checkpoint_dtype``; fp32 when its config.json names none), never upcast.
     """
-    from .models import load_model, resolve_model
+    from .models import checkpoint_dtype, load_model, resolve_model
     from .surgery import count_parameters, prune_model_, reorder_by_l1_
 
-    dense = load_model(resolve_model(model), dtype=dtype)
+    dense = load_model(resolve_model(model), dtype=checkpoint_dtype(model) if dtype == "auto" else dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
     pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
     tuned_ids = set_tuned_(pruned, mask, tuned or {})
@@ -87,7 +89,8 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
     """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``;
     returns the output directory, resolved.
 
-    ``out_dir`` may not exist yet, be empty, or hold an earlier export (``check_export_target``,
+    ``dtype`` as for ``compact_model`` (``auto``: the checkpoint's own dtype). ``out_dir`` may not
+    exist yet, be empty, or hold an earlier export (``check_export_target``,
     checked before any weight is loaded and again just before the swap); anything else is a
     ValueError and nothing is touched. A failure while writing raises OSError (ValueError from the
     checks) after removing the staging directory; the previous ``out_dir`` is then untouched.

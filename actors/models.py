@@ -35,6 +35,9 @@ __all__ = [
     "resolve_model",
     "load_model",
     "load_tokenizer",
+    "DTYPES",
+    "resolve_dtype",
+    "checkpoint_dtype",
 ]
 
 #: ``config.json`` of each preset, exactly as :func:`resolve_model` writes it (its
@@ -91,6 +94,8 @@ _HUB_PATTERNS = [
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = ("float32", "bfloat16", "float16")
+#: What the ``dtype`` setting accepts: ``auto`` or one of the explicit dtypes.
+DTYPES = ("auto", *_DTYPES)
 
 
 class ModelNotFound(ValueError):
@@ -324,6 +329,45 @@ def _check_loaded(model: PreTrainedModel, missing: list[str], unexpected: list[s
         )
 
 
+# --------------------------------------------------------------------------- dtypes
+
+
+def resolve_dtype(name: str, device: Any = None) -> torch.dtype:
+    """The torch dtype a replica on ``device`` loads in for the ``dtype`` setting ``name``.
+
+    ``float32``, ``bfloat16`` and ``float16`` are taken as given. ``auto`` is bfloat16 on a CUDA
+    device with native bf16 (``torch.cuda.is_bf16_supported``, emulation not counted: Ampere and
+    newer, or ROCm), float16 on any other CUDA device, and float32 elsewhere (a CPU, or no device:
+    ``None``). ``device`` is a ``torch.device``, a string such as ``"cuda:1"``, or None.
+    ValueError for any other name.
+    """
+    import torch
+
+    if name in _DTYPES:
+        return getattr(torch, name)
+    if name != "auto":
+        raise ValueError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}.")
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        return torch.float32
+    with torch.cuda.device(device) if device.index is not None else contextlib.nullcontext():
+        try:
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # an older torch without the keyword
+            native = torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if native else torch.float16
+
+
+def checkpoint_dtype(spec: str) -> str:
+    """The dtype ``spec``'s ``config.json`` says its weights are stored in (``dtype``, or the older
+    ``torch_dtype``), when it is one rayprune loads; ``float32`` otherwise (absent, or e.g. a
+    quantized checkpoint). Reads the config only (see :func:`read_model_config`)."""
+    config = read_model_config(spec)
+    stored = config.get("dtype") or config.get("torch_dtype")
+    stored = str(stored).removeprefix("torch.") if stored is not None else None
+    return stored if stored in _DTYPES else "float32"
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -334,7 +378,8 @@ def load_model(
 ) -> PreTrainedModel:
     """An eval-mode causal LM from the local directory ``path`` (see :func:`resolve_model`).
 
-    ``dtype`` is ``float32``, ``bfloat16`` or ``float16`` (or a torch dtype); ``device_map`` goes to
+    ``dtype`` is ``float32``, ``bfloat16`` or ``float16`` (or a torch dtype; ``auto`` is resolved by
+    the caller, who knows the device: :func:`resolve_dtype`); ``device_map`` goes to
     accelerate unchanged (None: CPU, ``"auto"``: spread over visible GPUs). Attention uses SDPA;
     remote code is never trusted.
     """

@@ -117,10 +117,12 @@ class PoolSpec(Protocol):
 
 @dataclass(frozen=True)
 class Pool:
-    """Running evaluator replicas that all loaded the same weights (``model_fingerprint``)."""
+    """Running evaluator replicas that all loaded the same weights (``model_fingerprint``), in the
+    same ``dtype`` (the config's ``dtype`` as the replicas resolved it; None if they do not say)."""
 
     actors: list
     model_fingerprint: str
+    dtype: str | None = None
 
 
 @contextlib.contextmanager
@@ -151,9 +153,12 @@ def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, **ev
         infos = ray.get([a.info.remote() for a in actors])
         fingerprint = infos[0]["model_fingerprint"]
         if any(i["model_fingerprint"] != fingerprint for i in infos):
-            raise RuntimeError("evaluator replicas loaded different weights; check the model path on every node")
+            seen = sorted({f"{i['model_fingerprint']} ({i.get('dtype', '?')} on {i.get('device', '?')})" for i in infos})
+            raise RuntimeError(f"evaluator replicas loaded different weights or dtypes ({'; '.join(seen)}); check "
+                               f"the model path on every node, and set dtype explicitly (e.g. dtype=bfloat16) when "
+                               f"dtype=auto resolves differently on different GPUs")
         log.info("%d evaluator(s) ready: %s", len(actors), ", ".join(i["worker"] for i in infos))
-        yield Pool(list(actors), fingerprint)
+        yield Pool(list(actors), fingerprint, infos[0].get("dtype"))
     finally:
         if actors is not None and not started:  # a shared Ray outlives us: free what we took
             actors.shutdown()

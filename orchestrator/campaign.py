@@ -59,6 +59,7 @@ class Campaign:
         self.run_dir = self.rundir.path
         self.progress = progress
         self.scorer: Scorer | None = None
+        self.replica_dtype: str | None = None  # the dtype the replicas resolved config.dtype to
 
     def lock(self) -> None:
         """Refuse to share the run directory with a second driver (``run()`` locks it itself)."""
@@ -102,7 +103,8 @@ class Campaign:
         cache = EvalCache(self.rundir.evals, flush_every=None)  # flushed once per finished task
         try:
             with evaluator_pool(cluster, evaluator_cls=self.evaluator_cls, model=config.model, windows=windows,
-                                batch_size=config.search.batch_size) as pool:
+                                batch_size=config.search.batch_size, dtype=config.dtype) as pool:
+                self.replica_dtype = pool.dtype
                 dispatcher = Dispatcher(pool.actors, timeout_s=cluster.eval_timeout_s,
                                         max_attempts=cluster.max_attempts)
                 self.scorer = Scorer(cache, dispatcher, arch, pool.model_fingerprint, fingerprints,
@@ -119,6 +121,11 @@ class Campaign:
         self.write_outputs(result, arch)
         return result
 
+    def _export_dtype(self) -> str:
+        """The dtype the search ran in, so the export is the model that was scored (the L1 order of
+        widths is computed in the weights' dtype); unknown (no pool): the checkpoint's own."""
+        return self.config.dtype if self.config.dtype != "auto" else (self.replica_dtype or "auto")
+
     def write_outputs(self, result: CampaignResult, arch: Arch) -> None:
         """path.json, pruning_config.json, search.json (a whole-mask search), model/, the report."""
         from search_spaces.pruning_config import mask_to_pruning_config
@@ -133,6 +140,7 @@ class Campaign:
             "evaluations": result.counters.to_dict(),
             "seconds": result.wall_seconds,
             "arch": dataclasses.asdict(arch),  # dense widths, for the report's mask picture
+            "dtype": self._export_dtype(),  # what the search ran in: `rayprune export` rebuilds in it
             **result.extra.get("path", {}),  # method-specific figures (SPRINT: speedup, latency table)
         }
         self.rundir.write_path(path)
@@ -146,6 +154,6 @@ class Campaign:
             from actors.export import export_compact
 
             export_compact(self.config.model, searcher.current, self.run_dir / "model",
-                           **result.extra.get("export", {}))
+                           **{"dtype": path["dtype"], **result.extra.get("export", {})})
             log.info("compact model written to %s", self.run_dir / "model")
         write_report(self.run_dir)

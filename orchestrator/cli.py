@@ -100,7 +100,7 @@ def _export(args: argparse.Namespace) -> int:
     if args.pruning_config:
         if args.step is not None or not args.out:
             raise ValueError("with --pruning-config, SOURCE is a model: give --out DIR (and no --step)")
-        out = export_pruning_config(args.source, args.pruning_config, args.out, dtype=args.dtype)
+        out = export_pruning_config(args.source, args.pruning_config, args.out, dtype=args.dtype or "float32")
     elif uri_scheme(args.source) is None and not Path(args.source).is_dir():
         raise ValueError(f"{args.source} is not a run directory; to prune a model, add --pruning-config FILE --out DIR")
     else:  # a run directory behind a URI is pulled first; its new model/ is mirrored back
@@ -188,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--pruning-config", metavar="FILE", help="a MultiPruner pruning_config.json (SOURCE is a model)")
     export.add_argument("--step", type=int, help="a step of the run's path (default: the last)")
     export.add_argument("--out", help="output directory")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="default: a run's search dtype (path.json), float32 for --pruning-config")
     export.add_argument("--check", action="store_true", help="load the written model back")
     export.set_defaults(func=_export)
 

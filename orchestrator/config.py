@@ -115,6 +115,10 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     output: str | None = None
     export: bool = True  # write the compact model to <output>/model at the end
+    # dtype of every replica: auto (bf16 on a CUDA GPU with native bf16, else fp16 on CUDA; fp32 on a
+    # CPU) | bfloat16 | float16 | float32; part of the cache fingerprint; <output>/model is exported
+    # in the dtype the replicas ran in
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
         if self.output is None:

@@ -195,6 +195,17 @@ def _no_windows(value: Any, path: str) -> None:
     return None
 
 
+#: The ``dtype`` setting (``actors.models.DTYPES``; this module imports no torch).
+DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+
+
+def _dtype(value: Any, path: str) -> str:
+    if value not in DTYPES:
+        raise BadValue(f"is not a dtype; use one of {', '.join(DTYPES)}, e.g. {path}=auto (bf16 on a GPU that "
+                       f"supports it, fp16 on other GPUs, fp32 on a CPU)")
+    return value
+
+
 def _optional_string(value: Any, path: str) -> str | None:
     return None if value is None else _string("runs/demo")(value, path)
 
@@ -246,4 +257,5 @@ SCHEMA: Section = (Config, {
     }),
     "output": _optional_string,
     "export": _bool,
+    "dtype": _dtype,
 })

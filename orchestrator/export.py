@@ -24,8 +24,9 @@ from .rundir import RunDir, RunDirectoryBusy, step_entry
 
 
 def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out: str | os.PathLike[str] | None = None,
-               dtype: str = "float32") -> Path:
-    """Write the model after ``step`` of a run's path (None: the last step) to ``out``.
+               dtype: str | None = None) -> Path:
+    """Write the model after ``step`` of a run's path (None: the last step) to ``out``, in ``dtype``
+    (None: the dtype the run's search ran in, as ``path.json`` records it; float32 for older runs).
 
     An ``out`` inside the run directory (the default) is written under the run's lock:
     RunDirectoryBusy while a campaign (or another export) holds it. ValueError for a step off the
@@ -34,7 +35,9 @@ def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out:
     from actors.export import export_compact
 
     rundir = RunDir(run_dir)
-    steps = rundir.read_path()["steps"]
+    path = rundir.read_path()
+    steps = path["steps"]
+    dtype = dtype or path.get("dtype") or "float32"
     model = rundir.read_config().get("model")
     if not model:
         raise ValueError(f"{rundir.file('config.yaml')} names no model; export with MODEL --pruning-config "

@@ -153,8 +153,10 @@ class RunDir:
         old = self.read_config()
         if not old or not self.has_path():
             return []
-        changed = sorted(k for k in _differing(_flat(old), _flat(yaml.safe_load(to_yaml(config))))
-                         if k.split(".")[0] not in _SAME_PATH_TOP and k not in _SAME_PATH_KEYS)
+        before = _flat(old)
+        changed = sorted(k for k in _differing(before, _flat(yaml.safe_load(to_yaml(config))))
+                         if k in before  # a key an older rayprune did not write is not a change
+                         and k.split(".")[0] not in _SAME_PATH_TOP and k not in _SAME_PATH_KEYS)
         if changed:
             target = self.path / "history" / time.strftime("%Y%m%d-%H%M%S")
             target.mkdir(parents=True, exist_ok=True)

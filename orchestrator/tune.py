@@ -183,7 +183,7 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
     if not isinstance(cluster.actors, int):
         raise ValueError("rayprune tune needs a fixed pool: set cluster.actors to a number, e.g. cluster.actors=2")
     with evaluator_pool(cluster, evaluator_cls=evaluator_cls, model=config.model, windows=windows,
-                        batch_size=config.search.batch_size) as pool:
+                        batch_size=config.search.batch_size, dtype=config.dtype) as pool:
         log.info("tune: %d evaluator(s), %d trials, one at a time", len(pool.actors), trials)
         dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint)
         dense_figures = {name: dense.score([Mask()], None, name, name)[Mask()] for name in ("validation", "evaluation")}

@@ -163,6 +163,22 @@ def test_bad_values_are_named_with_a_fix(write, override, fragment):
     assert fragment in str(info.value)
 
 
+def test_dtype_defaults_to_auto_and_takes_every_dtype(write):
+    assert load_config(write(GOOD)).dtype == "auto"
+    for dtype in ("auto", "bfloat16", "float16", "float32"):
+        assert load_config(write(GOOD), [f"dtype={dtype}"]).dtype == dtype
+    assert load_config(write(GOOD + "dtype: bfloat16\n")).dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("value", ["fp16", "bf16", "float64", "BFloat16", "32", "null", "true"])
+def test_bad_dtype_names_the_field_the_value_and_the_choices(write, value):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(GOOD), [f"dtype={value}"])
+    (line,) = [p for p in info.value.problems if p.startswith("dtype")]
+    assert "is not a dtype; use one of auto, bfloat16, float16, float32, e.g. dtype=auto" in line
+    assert line.startswith(f"dtype {yaml.safe_load(value)!r} ")
+
+
 def test_windows_file_that_exists_is_accepted(write, tmp_path):
     windows = tmp_path / "calibration.parquet"
     windows.write_bytes(b"PAR1")

@@ -141,3 +141,13 @@ def _corpus(tmp_path):
     from tests.tiny import write_corpus
 
     return write_corpus(tmp_path / "corpus.txt")
+
+
+def test_a_key_an_older_rayprune_did_not_write_is_not_a_change(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    dump_yaml(config(0, 0.1), run.file("config.yaml"))
+    older = [line for line in run.file("config.yaml").read_text().splitlines() if not line.startswith("dtype:")]
+    run.file("config.yaml").write_text("\n".join(older) + "\n")  # written before the dtype key existed
+    run.write_path(path_of(EARLY))
+    assert run.keep_history(config(0, 0.3)) == [] and run.has_path()
