@@ -243,10 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.placement import PlacementError
 
     from .campaign import RunDirectoryBusy
+    from .scorer import EveryMaskFailed
 
     try:
         return args.func(args)
-    except (ValueError, OSError, RunDirectoryBusy, PlacementError) as exc:
+    except (ValueError, OSError, RunDirectoryBusy, PlacementError, EveryMaskFailed) as exc:
         if args.verbose:
             raise
         print(f"rayprune: error: {exc}", file=sys.stderr)

@@ -4,7 +4,8 @@ The one path from a mask to its perplexity, shared by every campaign (greedy, Op
 by ``rayprune tune``'s trials: look the mask up in the Parquet cache (keyed by content: mask, model
 fingerprint, windows fingerprint), tile what is missing into tasks of similar cost, dispatch them,
 and write every result to the cache the moment it arrives, failures included (NaN perplexity, the
-error kept). The counters say what this session ran, served and lost.
+error kept). A failed mask is data, ranked last; a batch whose every mask failed stops the run with
+the first error (:class:`EveryMaskFailed`). The counters say what this session ran, served and lost.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from .cache import EvalCache
 
 log = logging.getLogger("rayprune")
+
+
+class EveryMaskFailed(RuntimeError):
+    """Every mask of a batch failed to evaluate (not NaN scores: errors); the campaign stops."""
 
 
 @dataclass
@@ -87,7 +92,10 @@ class Scorer:
         if scores:
             log.info("%s: %d of %d masks served from the cache", label, len(scores), total)
         by_json = {mask.to_json(): mask for mask in todo}
+        errors: list[str] = []
         for outcome in self.dispatcher.run(self._tasks(todo, base, window_set)):
+            if outcome.error is not None:
+                errors += [outcome.error] * len(outcome.task.masks)
             results = []
             for mask_json, row in zip(outcome.task.masks, outcome.rows or [None] * len(outcome.task.masks)):
                 mask = by_json[mask_json]
@@ -101,6 +109,11 @@ class Scorer:
                          min(results, key=rank_value), len(scores), total,
                          f"; FAILED: {outcome.error}" if outcome.error else "")
         bar.close()
+        if total >= 2 and len(errors) == total:
+            raise EveryMaskFailed(f"{label}: all {total} masks failed to evaluate, so there is nothing to decide "
+                                  f"on (a search would otherwise go on with NaN scores); the first error: "
+                                  f"{errors[0]}. They are recorded in the cache as failed and are tried again "
+                                  f"on a rerun: fix the cause (the evaluators' Ray logs say more) and rerun")
         return scores
 
     def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str) -> list[Task]:
