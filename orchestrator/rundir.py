@@ -195,8 +195,10 @@ class RunDir:
         steps = path["steps"]
         found = []
         exports = {len(steps): self.file("model")}
-        exports.update({int(d.name.rsplit("-", 1)[1]): d for d in self.path.glob("model-step-*")
-                        if d.name.rsplit("-", 1)[1].isdigit() and int(d.name.rsplit("-", 1)[1]) <= len(steps)})
+        for directory in self.path.glob("model-step-*"):
+            number = directory.name.removeprefix("model-step-")
+            if number.isdigit() and int(number) <= len(steps):
+                exports[int(number)] = directory
         for step, directory in sorted(exports.items()):
             held = exported_model(directory)
             if held is None:
