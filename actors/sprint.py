@@ -5,7 +5,9 @@ refitted weights it names, so the actor holds no search state. What it keeps is 
 memo (:class:`Checkpoints`): the streams entering every checkpoint block, per window set and model
 state (mask + refitted weights). The next step starts its walk at the last checkpoint before the
 block it changed; a restarted actor, or another one, just walks from the embeddings. Both give the
-same numbers (tests/actors/test_sprint_step.py).
+same numbers (tests/actors/test_sprint_step.py). Beyond the replica's memory budget (actors/memory.py)
+the memo parks checkpoints in host memory and brings back the rows of one batch at a time when used;
+the streams a step keeps for itself are bounded by the same budget and recomputed beyond it.
 
 Per step, over the calibration batches (all exact, all in the model's dtype):
 
@@ -32,37 +34,82 @@ from search_spaces.latency import best_candidate
 from search_spaces.sprint import (StepRequest, checkpoint_before, checkpoint_blocks, state_key, target_block,
                                   tensor_key, top_candidates)
 
+from .memory import resolve_budget, tensor_bytes
 from .refit import DownProjFit
 
 if TYPE_CHECKING:
     from .forward import LeanDecoder
 
 #: Streams kept within a step (entering every block, and the branches of the tuned candidates) up to
-#: this many bytes; beyond it they are recomputed from the checkpoints, which are always kept.
+#: this many bytes (or the memory budget, when smaller); beyond it they are recomputed from the
+#: checkpoints, which are always kept.
 STORE_BYTES = 2 << 30
+
+
+class Parked:
+    """A stream (N, T, H) moved to host memory (pinned when it comes from CUDA, so that copies back
+    run asynchronously). ``parked[rows]`` brings those rows back to the device it came from: to code
+    that only slices rows out of a checkpoint, it is the tensor it replaces."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.device, self.shape, self.dtype = t.device, t.shape, t.dtype
+        if torch.cuda.is_available() and t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t)
+        else:
+            self.host = t.to("cpu")
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        return self.host[rows].to(self.device, non_blocking=True)
 
 
 class Checkpoints:
     """LRU memo: (window set, state key) -> {checkpoint block: stream entering it, (N, T, H)}.
 
     Content-addressed and recomputable, so it is a cache, not state: losing it changes no result.
+    Streams on a device beyond the budget given to ``put`` are :class:`Parked` in host memory, least
+    recently used states first; ``memory_budget`` (bytes) overrides the budget ``run_step`` gives
+    (by default the replica's, actors/memory.py).
     """
 
-    def __init__(self, max_states: int = 3) -> None:
+    def __init__(self, max_states: int = 3, memory_budget: int | None = None) -> None:
         self.max_states = max_states
-        self._states: OrderedDict[tuple[str, str], dict[int, torch.Tensor]] = OrderedDict()
+        self.memory_budget = memory_budget
+        self._states: OrderedDict[tuple[str, str], dict[int, torch.Tensor | Parked]] = OrderedDict()
 
-    def get(self, window_set: str, key: str | None) -> dict[int, torch.Tensor]:
+    def get(self, window_set: str, key: str | None) -> dict[int, torch.Tensor | Parked]:
         found = self._states.get((window_set, key)) if key else None
         if found is not None:
             self._states.move_to_end((window_set, key))
         return found or {}
 
-    def put(self, window_set: str, key: str, streams: dict[int, torch.Tensor]) -> None:
-        self._states[(window_set, key)] = streams
+    def put(self, window_set: str, key: str, streams: dict[int, torch.Tensor | Parked],
+            budget: int | None = None) -> None:
+        """Keep ``streams`` as the newest state; then park streams until those left on a device fit
+        ``budget`` bytes (None: no limit)."""
+        self._states[(window_set, key)] = dict(streams)
         self._states.move_to_end((window_set, key))
         while len(self._states) > self.max_states:
             self._states.popitem(last=False)
+        if budget is None:
+            return
+        excess = self.device_bytes() - budget
+        for streams in self._states.values():  # the least recently used first
+            for c, t in streams.items():
+                if excess <= 0:
+                    return
+                if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+                    streams[c] = Parked(t)
+                    excess -= tensor_bytes(t)
+
+    def device_bytes(self) -> int:
+        """Bytes of the kept streams that are on a device (not in host memory)."""
+        return sum(tensor_bytes(t) for streams in self._states.values() for t in streams.values()
+                   if isinstance(t, torch.Tensor) and t.device.type != "cpu")
+
+    def parked(self) -> int:
+        """How many kept streams are parked in host memory."""
+        return sum(isinstance(t, Parked) for streams in self._states.values() for t in streams.values())
 
 
 class TunedSwap:
@@ -129,13 +176,18 @@ def _batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
-def _fits(windows: torch.Tensor, decoder: LeanDecoder, streams: int) -> bool:
-    """Whether ``streams`` residual streams of every window fit in ``STORE_BYTES``."""
+def _store_bytes(budget: int | None) -> int:
+    """What a step may keep for itself: ``STORE_BYTES``, or the memory budget when smaller."""
+    return STORE_BYTES if budget is None else min(STORE_BYTES, budget)
+
+
+def _fits(windows: torch.Tensor, decoder: LeanDecoder, streams: int, budget: int | None) -> bool:
+    """Whether ``streams`` residual streams of every window fit in what a step may keep."""
     element = decoder.embed_tokens.weight.element_size()
-    return windows.numel() * decoder.arch.hidden_size * element * streams <= STORE_BYTES
+    return windows.numel() * decoder.arch.hidden_size * element * streams <= _store_bytes(budget)
 
 
-def _nearest(streams: Mapping[int, torch.Tensor], index: int) -> int:
+def _nearest(streams: Mapping[int, torch.Tensor | Parked], index: int) -> int:
     """The last block at or before ``index`` whose entering stream is known (0 always is)."""
     return max(c for c in streams if c <= index)
 
@@ -162,8 +214,10 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
     Returns ``nll_sum``/``tokens`` of the request's state on its windows, the new ``sensitivity``
     of every requested candidate, the ``tuned`` re-scores of the top candidates, and ``choice``: the
     best tuned candidate, with ``weight`` (numpy fp32, None when its refit was not kept) and ``sha``.
+    The memory budget is ``memo.memory_budget``, else the default of the decoder's devices.
     """
     t0 = time.perf_counter()
+    budget = resolve_budget(memo.memory_budget, decoder.model)
     arch, mask, ws = decoder.arch, request.mask, request.window_set
     num_blocks, L = arch.num_blocks, arch.num_layers
     ckpts = checkpoint_blocks(L, request.checkpoint_every)
@@ -188,7 +242,7 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
         for s, r in targets.items():
             finishing.setdefault(r, []).append(s)
         sens = {s: 0.0 for s in candidates}
-        keep_all = _fits(windows, decoder, num_blocks + 1 - start)  # every entering stream, for the refits
+        keep_all = _fits(windows, decoder, num_blocks + 1 - start, budget)  # every entering stream, for the refits
         recorded: dict[int, list[torch.Tensor]] = {c: [] for c in range(start, num_blocks + 1)
                                                    if keep_all or c in ckpts}
         nll_sum, tokens = 0.0, 0
@@ -214,7 +268,9 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
             nll, n = decoder.nll(h, batch)
             nll_sum, tokens = nll_sum + nll, tokens + n
         streams = {c: t for c, t in usable.items() if c < start} | {c: torch.cat(t) for c, t in recorded.items()}
-        memo.put(ws, key, {c: t for c, t in streams.items() if c in ckpts})
+        del recorded  # the per-batch pieces (copied by cat)
+        memo.put(ws, key, {c: t for c, t in streams.items() if c in ckpts}, budget)
+        streams |= memo.get(ws, key)  # checkpoints the memo parked leave the device for this step too
 
         # ---- 2. refit the MLP after each of the best candidates ------------------------------------
         result: dict[str, Any] = {"state": key, "nll_sum": nll_sum, "tokens": tokens, "walk_start": start,
@@ -223,7 +279,8 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
         if request.top_k > 0 and ranked:
             top = top_candidates(ranked, request.costs, request.top_k)
             result["top"] = top
-            tuned, choice_weight = _tune(decoder, windows, batch_size, request, top, ranked, streams, swap, memo)
+            tuned, choice_weight = _tune(decoder, windows, batch_size, request, top, ranked, streams, swap, memo,
+                                         budget)
             result["tuned"] = tuned
             best = best_candidate({t["block"]: t["sensitivity"] for t in tuned}, request.costs)
             chosen = next(t for t in tuned if t["block"] == best)
@@ -235,8 +292,8 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
 
 
 def _tune(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request: StepRequest, top: list[int],
-          ranked: Mapping[int, float], streams: dict[int, torch.Tensor], swap: TunedSwap,
-          memo: Checkpoints) -> tuple[list[dict[str, Any]], dict[int, Any]]:
+          ranked: Mapping[int, float], streams: dict[int, torch.Tensor | Parked], swap: TunedSwap,
+          memo: Checkpoints, budget: int | None) -> tuple[list[dict[str, Any]], dict[int, Any]]:
     """Refit and re-score the ``top`` candidates; returns their records and the kept weights (numpy)."""
     arch, mask, L = decoder.arch, request.mask, decoder.arch.num_layers
     ckpts = checkpoint_blocks(L, request.checkpoint_every)
@@ -250,17 +307,18 @@ def _tune(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request:
     dense_key = state_key(Mask(), ())
     dense = memo.get(request.window_set, dense_key)
     if not dense:  # every block's stream when it fits (the dense memo is reused by every step)
-        every = tuple(range(arch.num_blocks + 1)) if _fits(windows, decoder, arch.num_blocks + 1) else ckpts
+        every = tuple(range(arch.num_blocks + 1)) if _fits(windows, decoder, arch.num_blocks + 1, budget) else ckpts
         with _dense(swap):
             dense = _walk_checkpoints(decoder, windows, batch_size, Mask(), every)
-        memo.put(request.window_set, dense_key, dense)
+        memo.put(request.window_set, dense_key, dense, budget)
+        dense = memo.get(request.window_set, dense_key)  # some may be parked now
     widths = {s: mask.mlp_kept(targets[s] // 2, arch.intermediate_size) for s in tunable}
     # Each refit lives on its target layer's device (a replica over k GPUs), where z, the targets
     # and the weight it replaces are.
     device = {s: decoder.layers[targets[s] // 2].mlp.down_proj.weight.device for s in tunable}
     fits = {s: DownProjFit(widths[s], arch.hidden_size, device[s]) for s in tunable}
     per_batch = 2 * windows[:1].numel() * arch.hidden_size * decoder.layers[0].mlp.down_proj.weight.element_size()
-    keep = per_batch * windows.shape[0] * len(tunable) <= STORE_BYTES
+    keep = per_batch * windows.shape[0] * len(tunable) <= _store_bytes(budget)
     stored: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def branch(s: int, b: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
