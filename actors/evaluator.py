@@ -16,10 +16,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .offload import check_not_offloaded
+from .permutation import BadPermutation, Permutation, apply_permutation_, checkpoint_permutation
+
 
 def dtype_suffix(dtype: str) -> str:
-    """What a replica's dtype adds to its model fingerprint: nothing for ``float32`` (so caches
-    written before the dtype was a setting stay valid), ``+bfloat16`` / ``+float16`` otherwise."""
+    """What a replica's dtype adds to its model fingerprint: nothing for ``float32``, ``+bfloat16`` /
+    ``+float16`` otherwise."""
     return "" if dtype == "float32" else f"+{dtype}"
 
 
@@ -44,15 +47,19 @@ def load_device(device_map: str | dict | None) -> str:
 class Evaluator:
     """Holds one replica and named token-window sets (e.g. ``calibration``, ``evaluation``).
 
-    The replica is L1-reordered once (``reorder``), as every export is, so width masks mean the
-    same thing everywhere; the fingerprint says so, keeping cache keys honest.
+    The replica's MLP channels and head units are put in L1 order (``reorder``) by ``permutation``,
+    the order computed once from the checkpoint in float64 (:mod:`actors.permutation`; a campaign
+    computes it once and hands the same one to every replica, export and eval). Without one, it is
+    read from this machine's cache or computed from the checkpoint, never from the loaded weights, so
+    it is the same in every dtype and process. The fingerprint names it (``+l1.<digest>``), keeping
+    cache keys honest; a permutation computed from other weights is refused.
 
     ``dtype`` (``auto``, ``bfloat16``, ``float16``, ``float32``) is resolved for the device the
     replica loads on (``actors.models.resolve_dtype``: ``auto`` is bf16 on a CUDA device with native
     bf16, else fp16 on CUDA, fp32 on a CPU) and the weights load in it, never upcast; the loss stays
     fp32 (``LeanDecoder.nll``). fp32 on CUDA enables TF32 matmuls. A dtype other than fp32 is part
     of the fingerprint (``+bfloat16``, ``+float16``), so a cache never serves scores of another
-    dtype; fp32 keeps the fingerprint it always had.
+    dtype; fp32 adds nothing.
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class Evaluator:
         dtype: str = "auto",
         device_map: str | dict | None = None,
         reorder: bool = True,
+        permutation: Permutation | None = None,
     ) -> None:
         import torch
 
@@ -74,18 +82,27 @@ class Evaluator:
         from .fingerprint import model_fingerprint
         from .forward import LeanDecoder
         from .models import load_model, resolve_dtype, resolve_model
-        from .surgery import reorder_by_l1_
 
         if num_threads:
             torch.set_num_threads(num_threads)
         t0 = time.perf_counter()
         path = resolve_model(model)
+        checkpoint = model_fingerprint(path)
+        if reorder:
+            permutation = permutation or checkpoint_permutation(path)
+            if permutation.checkpoint != checkpoint:
+                raise BadPermutation(f"the channel order given for {model} was computed from other weights "
+                                     f"({permutation.checkpoint[:16]}...) than {path} holds ({checkpoint[:16]}...); "
+                                     f"the model changed since the run began: delete the run's "
+                                     f"permutation.safetensors, or use a new output directory")
         torch_dtype = resolve_dtype(dtype, load_device(device_map))
         self.dtype = str(torch_dtype).removeprefix("torch.")
         self.model = load_model(path, dtype=torch_dtype, device_map=device_map)
+        check_not_offloaded(self.model)  # the lean forward reads weights directly: refuse before any work
         self.arch = Arch.from_hf_config(self.model.config.to_dict())
         if reorder:  # widths keep the most important channels/units first (a pure permutation)
-            reorder_by_l1_(self.model, self.arch)
+            apply_permutation_(self.model, self.arch, permutation)
+        self.permutation = permutation if reorder else None
         self.device = self.model.model.embed_tokens.weight.device
         if self.device.type == "cuda" and torch_dtype == torch.float32:  # fp32 on CUDA: TF32 matmuls
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -95,7 +112,7 @@ class Evaluator:
         self.engine = Engine(LeanDecoder(self.model, self.arch), batch_size=batch_size, streams=streams)
         self.windows = {name: torch.tensor(np.asarray(w), dtype=torch.long, device=self.device)
                         for name, w in windows.items()}
-        self.model_fingerprint = (model_fingerprint(path) + ("+l1" if reorder else "")
+        self.model_fingerprint = (checkpoint + (f"+{permutation.tag}" if reorder else "")
                                   + dtype_suffix(self.dtype))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.load_seconds = time.perf_counter() - t0

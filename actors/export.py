@@ -1,6 +1,7 @@
 """Compact export: a physically smaller model that loads with stock transformers classes.
 
-``export_compact`` reorders the dense model (L1, as the evaluators do), applies the mask physically
+``export_compact`` puts the dense model in the run's channel order (``actors.permutation``: the one
+the evaluators used, whatever the dtype), applies the mask physically
 and saves safetensors, the tokenizer, ``pruning_config.json`` and a ``config.json`` whose
 ``rayprune`` entry records the per-layer structure. ``load_pruned`` rebuilds that structure from the
 stock class (no ``trust_remote_code``, no patched fork) on empty weights and loads the tensors into
@@ -34,6 +35,8 @@ from search_spaces.pruning_config import mask_to_pruning_config
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from .permutation import Permutation
+
 FORMAT_VERSION = 1
 
 
@@ -58,7 +61,7 @@ RUN_DIR_FILES = ("config.yaml", "evals", "calibration.parquet", ".lock")
 
 
 def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
-                  tuned: Mapping[int, Any] | None = None) -> PreTrainedModel:
+                  tuned: Mapping[int, Any] | None = None, permutation: Permutation | None = None) -> PreTrainedModel:
     """The compact model of ``mask`` applied to ``model`` (a preset, directory or hub id), in memory,
     with the ``rayprune`` entry of its config filled in.
 
@@ -66,18 +69,28 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
     L1-reordered model, as SPRINT produces them); ValueError for a removed layer or a wrong shape.
     ``dtype``: ``float32``, ``bfloat16``, ``float16``, or ``auto``: the dtype the checkpoint is stored
     in (``actors.models.checkpoint_dtype``; fp32 when its config.json names none), never upcast.
+    ``permutation``: the channel order the search scored with (a run's ``permutation.safetensors``);
+    None: the checkpoint's own (``checkpoint_permutation``). The dtype never changes which channels
+    a width keeps. BadPermutation if it was computed from other weights.
     """
+    from .fingerprint import model_fingerprint
     from .models import checkpoint_dtype, load_model, resolve_model
-    from .surgery import count_parameters, prune_model_, reorder_by_l1_
+    from .permutation import BadPermutation, apply_permutation_, checkpoint_permutation
+    from .surgery import count_parameters, prune_model_
 
-    dense = load_model(resolve_model(model), dtype=checkpoint_dtype(model) if dtype == "auto" else dtype)
+    source = resolve_model(model)
+    permutation = permutation or checkpoint_permutation(source)
+    if permutation.checkpoint != (checkpoint := model_fingerprint(source)):
+        raise BadPermutation(f"the run's channel order was computed from other weights ({permutation.checkpoint[:16]}...) "
+                             f"than {model} holds now ({checkpoint[:16]}...); export the model the run searched")
+    dense = load_model(source, dtype=checkpoint_dtype(model) if dtype == "auto" else dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
-    pruned = prune_model_(reorder_by_l1_(dense, arch), mask, arch)
+    pruned = prune_model_(apply_permutation_(dense, arch, permutation), mask, arch)
     tuned_ids = set_tuned_(pruned, mask, tuned or {})
     params = count_parameters(pruned)
     if params != param_count(mask, arch):
         raise RuntimeError(f"compact model has {params} parameters, the mask says {param_count(mask, arch)}")
-    pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": "l1",
+    pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": permutation.tag,
                               "params": params, "source": str(model)}
     if tuned_ids:
         pruned.config.rayprune["tuned"] = tuned_ids
@@ -85,11 +98,11 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
 
 
 def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
-                   tuned: Mapping[int, Any] | None = None) -> Path:
+                   tuned: Mapping[int, Any] | None = None, permutation: Permutation | None = None) -> Path:
     """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``;
     returns the output directory, resolved.
 
-    ``dtype`` as for ``compact_model`` (``auto``: the checkpoint's own dtype). ``out_dir`` may not
+    ``dtype``, ``tuned`` and ``permutation`` as for ``compact_model``. ``out_dir`` may not
     exist yet, be empty, or hold an earlier export (``check_export_target``,
     checked before any weight is loaded and again just before the swap); anything else is a
     ValueError and nothing is touched. A failure while writing raises OSError (ValueError from the
@@ -99,7 +112,7 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
 
     out = output_path(out_dir)
     check_export_target(out, model)
-    pruned = compact_model(model, mask, dtype=dtype, tuned=tuned)
+    pruned = compact_model(model, mask, dtype=dtype, tuned=tuned, permutation=permutation)
     arch = Arch.from_hf_config(read_model_config(model))
     source = resolve_model(model)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")

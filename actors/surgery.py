@@ -96,52 +96,6 @@ def prune_model_(model: PreTrainedModel, mask: Mask, arch: Arch) -> PreTrainedMo
     return model
 
 
-# ---- one-time importance reordering (MultiPruner) -----------------------------------------------
-def _permute_rows_(linear: nn.Linear, order: torch.Tensor) -> None:
-    linear.weight.data = linear.weight.data[order].contiguous()
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data[order].contiguous()
-
-
-def _descending(scores: torch.Tensor) -> torch.Tensor:
-    return torch.sort(scores, descending=True, stable=True).indices
-
-
-@torch.no_grad()
-def reorder_by_l1_(model: PreTrainedModel, arch: Arch) -> PreTrainedModel:
-    """Sort MLP channels and head units by L1 importance, in place; the function is unchanged.
-
-    MLP channel j scores |gate_j|_1 + |up_j|_1; down_proj columns follow. A head unit (a KV group
-    under GQA) scores the L1 norm of its q, k and v rows; o_proj columns follow. Afterwards "keep
-    width w" means "keep the first w". Data-free and deterministic (stable sort), so a replica and
-    an export reorder identically.
-    """
-    hd, g = arch.head_dim, arch.heads_per_unit
-    for module in model.model.layers:
-        mlp = getattr(module, "mlp", None)
-        if isinstance(getattr(mlp, "gate_proj", None), nn.Linear):
-            order = _descending(mlp.gate_proj.weight.abs().sum(1) + mlp.up_proj.weight.abs().sum(1))
-            _permute_rows_(mlp.gate_proj, order)
-            _permute_rows_(mlp.up_proj, order)
-            mlp.down_proj.weight.data = mlp.down_proj.weight.data[:, order].contiguous()
-        attn = getattr(module, "self_attn", None)
-        if isinstance(getattr(attn, "q_proj", None), nn.Linear):
-            units = attn.k_proj.weight.shape[0] // hd
-            q = attn.q_proj.weight.abs().view(units, g * hd, -1).sum((1, 2))  # (units,)
-            k = attn.k_proj.weight.abs().view(units, hd, -1).sum((1, 2))
-            v = attn.v_proj.weight.abs().view(units, hd, -1).sum((1, 2))
-            unit_order = _descending(q + k + v)  # (units,), on the layer's device
-            # Index tensors live where the indexed weights do (a replica over k GPUs): the aranges too.
-            device = unit_order.device
-            q_rows = (unit_order[:, None] * g * hd + torch.arange(g * hd, device=device)).reshape(-1)
-            kv_rows = (unit_order[:, None] * hd + torch.arange(hd, device=device)).reshape(-1)
-            _permute_rows_(attn.q_proj, q_rows)
-            _permute_rows_(attn.k_proj, kv_rows)
-            _permute_rows_(attn.v_proj, kv_rows)
-            attn.o_proj.weight.data = attn.o_proj.weight.data[:, q_rows].contiguous()
-    return model
-
-
 def count_parameters(model: nn.Module) -> int:
     """Parameters of a live model, shared (tied) tensors counted once."""
     seen: set[int] = set()

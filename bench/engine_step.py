@@ -29,7 +29,7 @@ from actors.engine import Engine
 from actors.forward import LeanDecoder
 from actors.models import load_model, load_tokenizer, resolve_model
 from actors.reference import stock_masked, stock_nll
-from actors.surgery import reorder_by_l1_
+from actors.permutation import apply_permutation_, checkpoint_permutation
 from orchestrator.data.corpus import load_documents
 from orchestrator.data.windows import token_windows
 from results import write_section
@@ -55,7 +55,7 @@ def main() -> None:
     path = resolve_model(args.model)
     model = load_model(path)
     arch = Arch.from_hf_config(model.config.to_dict())
-    reorder_by_l1_(model, arch)  # as every evaluator does: widths keep the most important channels
+    apply_permutation_(model, arch, checkpoint_permutation(path))  # as every evaluator: widths keep the most important
     docs = load_documents("wikipedia", "train")
     windows = torch.as_tensor(token_windows(load_tokenizer(path), docs, args.sequences, args.length, seed=0))
     print(f"windows {tuple(windows.shape)}, {args.threads} threads")

@@ -13,6 +13,10 @@ Pure arithmetic (no torch, no Ray), so a 70B campaign can be planned from a lapt
   k GPUs (the model does not fit one) is as fast as one GPU: accelerate's ``device_map`` runs the
   layers as a pipeline with one GPU busy at a time. Candidates of a step are split over replicas
   (each also runs its own base prefix); steps run one after another.
+* Memory. ``rayprune plan`` takes k from :func:`size_replica` (accelerate's device map of the model on
+  the meta device, with the engine's working memory kept back: :mod:`actors.sizing`, which needs
+  torch and is imported only there); :func:`gpus_per_replica` is the torch-free estimate (weights x
+  ``memory_headroom``) used when no k is given.
 """
 
 from __future__ import annotations
@@ -134,14 +138,19 @@ def _stages(arch: Arch, method: str, target: float, split: tuple[float, float, f
 
 
 def plan_campaign(arch: Arch, name: str, method: str, target_ratio: float, tokens: int, gpus: int, hw: Hardware,
-                  split: tuple[float, float, float] = (0.44, 0.52, 0.04), mlp_group: int = 1024) -> Plan:
-    """Wall time of a BlockPruner or MultiPruner campaign to ``target_ratio`` on ``gpus`` GPUs."""
+                  split: tuple[float, float, float] = (0.44, 0.52, 0.04), mlp_group: int = 1024,
+                  replica_gpus: int | None = None) -> Plan:
+    """Wall time of a BlockPruner or MultiPruner campaign to ``target_ratio`` on ``gpus`` GPUs.
+
+    ``replica_gpus``: GPUs per replica (e.g. from :func:`size_replica`; 0: no replica fits a node);
+    None: :func:`gpus_per_replica`'s estimate.
+    """
     from search_spaces import dense_params
 
     dense = dense_params(arch)
     attn_b, mlp_b = attn_params(arch, arch.num_head_units), mlp_params(arch, arch.intermediate_size)
-    k = gpus_per_replica(arch, hw)
-    replicas = gpus // k
+    k = gpus_per_replica(arch, hw) if replica_gpus is None else replica_gpus
+    replicas = gpus // k if k else 0
     stages = _stages(arch, method, target_ratio, split, mlp_group)
     steps = sum(n for n, _ in stages)
     if method == "blockpruner":  # the block mix is unknown: all MLP (fewest steps) to all attention
@@ -164,7 +173,7 @@ def plan_campaign(arch: Arch, name: str, method: str, target_ratio: float, token
 
 
 def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence[int],
-                hw: Hardware) -> tuple[list[Plan], list[str]]:
+                hw: Hardware, replica_gpus: int | None = None) -> tuple[list[Plan], list[str]]:
     """The plans of a campaign's ``search`` config on each GPU count, and notes on what was assumed.
 
     The planning rules: SPRINT and Optuna are planned as BlockPruner (an upper bound for SPRINT,
@@ -187,7 +196,7 @@ def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence
                         if search.method == "sprint" else
                         f"Optuna runs search.trials ({search.trials}) full forwards instead of greedy steps."))
     plans = [plan_campaign(arch, model, method, target, tokens, g, hw, search.split or defaults.split,
-                           search.mlp_group or defaults.mlp_group) for g in gpus]
+                           search.mlp_group or defaults.mlp_group, replica_gpus) for g in gpus]
     return plans, notes
 
 
@@ -197,7 +206,8 @@ def format_plans(plans: list[Plan], tokens: int, hw: Hardware) -> str:
              "|---|---|---:|---:|---:|---|---:|---:|---:|"]
     for p in plans:
         if not p.feasible:
-            lines.append(f"| {p.model} | {p.method} | {p.gpus} | {p.gpus_per_replica} | 0 | - | - | does not fit | "
+            k = p.gpus_per_replica or "-"  # 0: no node holds a replica
+            lines.append(f"| {p.model} | {p.method} | {p.gpus} | {k} | 0 | - | - | does not fit | "
                          f"does not fit |")
             continue
         lines.append(f"| {p.model} | {p.method} | {p.gpus} | {p.gpus_per_replica} | {p.replicas} | {p.steps_detail} "
@@ -210,3 +220,19 @@ def _hours(h: float) -> str:
     if h < 1 / 60:
         return f"{h * 3600:.0f} s"
     return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def size_replica(model_config: dict, config: Any, gpu_memory_gb: float, max_gpus: int = 8) -> Any:
+    """The replica of ``model_config`` for campaign ``config`` (its dtype, batch size, window lengths,
+    SPRINT settings) on GPUs of ``gpu_memory_gb``: an :class:`actors.sizing.ReplicaSize` (k, weights
+    per GPU from accelerate's device map on the meta device, working memory). Raises
+    :class:`actors.sizing.ReplicaTooLarge` when ``max_gpus`` GPUs of one node do not hold it.
+    Imports torch, transformers and accelerate (no weights are loaded).
+    """
+    from actors.sizing import replica_size
+
+    from .replica_size import working_memory_of
+
+    gpu_bytes = int(gpu_memory_gb * 1e9)
+    working = working_memory_of(config, model_config, gpu_bytes)
+    return replica_size(model_config, config.dtype, gpu_bytes, working, max_gpus=max_gpus)

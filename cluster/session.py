@@ -12,7 +12,10 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+if TYPE_CHECKING:
+    from actors.permutation import Permutation
 
 log = logging.getLogger("rayprune")
 
@@ -52,7 +55,11 @@ def connect(num_cpus: int | None = None, *, namespace: str = "rayprune") -> bool
 
 def replica_options(cpus_per_actor: float, gpus_per_actor: float) -> dict[str, Any]:
     """Ray actor options for one evaluator replica. Ray restarts a dead replica; the driver owns
-    the retries of the work it was doing (``max_task_retries=0``)."""
+    the retries of the work it was doing (``max_task_retries=0``). ``gpus_per_actor`` is a number:
+    ``auto`` is resolved before (:func:`cluster.replica_size.resolve_gpus_per_actor`)."""
+    if isinstance(gpus_per_actor, str):
+        raise ValueError(f"gpus_per_actor={gpus_per_actor!r} was not resolved to a number of GPUs; call "
+                         f"cluster.replica_size.resolve_gpus_per_actor(config) before starting evaluators")
     return {
         "num_cpus": cpus_per_actor,
         "num_gpus": gpus_per_actor,
@@ -96,10 +103,10 @@ def start_evaluators(n: int, cpus_per_actor: float, gpus_per_actor: float, *, ev
 
     from .placement import place_replicas
 
+    options = replica_options(cpus_per_actor, gpus_per_actor)  # first: it refuses an unresolved "auto"
     groups = place_replicas(n, cpus_per_actor, gpus_per_actor, timeout_s=placement_timeout_s)
     threads = max(1, int(cpus_per_actor))
     cls = ray.remote(evaluator_cls or Evaluator)
-    options = replica_options(cpus_per_actor, gpus_per_actor)
     device_map = "auto" if gpus_per_actor > 1 else ("cuda" if gpus_per_actor else None)
     actors = [cls.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(g, placement_group_bundle_index=0))
               .remote(num_threads=threads, device_map=device_map, **evaluator_kwargs) for g in groups]
@@ -118,21 +125,37 @@ class PoolSpec(Protocol):
 @dataclass(frozen=True)
 class Pool:
     """Running evaluator replicas that all loaded the same weights (``model_fingerprint``), in the
-    same ``dtype`` (the config's ``dtype`` as the replicas resolved it; None if they do not say)."""
+    same ``dtype`` (the config's ``dtype`` as the replicas resolved it; None if they do not say),
+    with the same channel order (``permutation``; None when the replicas are not reordered)."""
 
     actors: list
     model_fingerprint: str
     dtype: str | None = None
+    permutation: Permutation | None = None
+
+
+def channel_order(model: str, known: Permutation | None = None) -> Permutation:
+    """The one channel order of a campaign (:func:`actors.permutation.permutation_for`), computed by
+    one Ray task on a worker, never on the driver (which reads no weight) nor per replica."""
+    import ray
+
+    from actors.permutation import permutation_for
+
+    return ray.get(ray.remote(permutation_for).options(num_cpus=1, name="rayprune-channel-order")
+                   .remote(model, known))
 
 
 @contextlib.contextmanager
-def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, **evaluator_kwargs: Any) -> Iterator[Pool]:
+def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, permutation: Permutation | None = None,
+                   **evaluator_kwargs: Any) -> Iterator[Pool]:
     """The one place a campaign's evaluators start and stop.
 
     Joins ``RAY_ADDRESS`` or starts a private session sized for ``cluster`` (:func:`connect`),
-    places ``cluster.actors`` replicas (``auto``: as many as the free resources hold), checks that
-    every replica loaded the same weights, and on exit frees what it took: the actors and their
-    placement groups on a shared Ray, the whole session if it started one.
+    obtains the channel order once (:func:`channel_order`: ``permutation``, a run's stored order, if
+    it still belongs to the model's weights, else computed) and hands it to every replica, places
+    ``cluster.actors`` replicas (``auto``: as many as the free resources hold), checks that every
+    replica loaded the same weights, and on exit frees what it took: the actors and their placement
+    groups on a shared Ray, the whole session if it started one.
     """
     import ray
 
@@ -147,6 +170,11 @@ def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, **ev
             raise PlacementError(f"cluster.actors=auto found no free slot for a replica of "
                                  f"{cluster.cpus_per_actor} CPU / {cluster.gpus_per_actor} GPU; free resources "
                                  f"or lower cluster.cpus_per_actor / cluster.gpus_per_actor")
+        if evaluator_kwargs.get("reorder", True):
+            permutation = channel_order(evaluator_kwargs["model"], permutation)
+            evaluator_kwargs["permutation"] = ray.put(permutation)  # one copy in the object store, not n
+        else:
+            permutation = None
         actors = start_evaluators(n_actors, cluster.cpus_per_actor, cluster.gpus_per_actor,
                                   placement_timeout_s=cluster.placement_timeout_s, evaluator_cls=evaluator_cls,
                                   **evaluator_kwargs)
@@ -158,7 +186,7 @@ def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, **ev
                                f"the model path on every node, and set dtype explicitly (e.g. dtype=bfloat16) when "
                                f"dtype=auto resolves differently on different GPUs")
         log.info("%d evaluator(s) ready: %s", len(actors), ", ".join(i["worker"] for i in infos))
-        yield Pool(list(actors), fingerprint, infos[0].get("dtype"))
+        yield Pool(list(actors), fingerprint, infos[0].get("dtype"), permutation)
     finally:
         if actors is not None and not started:  # a shared Ray outlives us: free what we took
             actors.shutdown()

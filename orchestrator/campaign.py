@@ -31,6 +31,8 @@ from .storage import RunStorage
 if TYPE_CHECKING:
     import numpy as np
 
+    from actors.permutation import Permutation
+
     from .config import Config
 
 log = logging.getLogger("rayprune")
@@ -60,6 +62,7 @@ class Campaign:
         self.progress = progress
         self.scorer: Scorer | None = None
         self.replica_dtype: str | None = None  # the dtype the replicas resolved config.dtype to
+        self.permutation: Permutation | None = None  # the channel order the replicas used
 
     def lock(self) -> None:
         """Refuse to share the run directory with a second driver (``run()`` locks it itself)."""
@@ -96,15 +99,22 @@ class Campaign:
         from .data.windows import windows_fingerprint
         from .dispatch import Dispatcher
 
+        from cluster.replica_size import resolve_gpus_per_actor
+
         t0 = time.perf_counter()
-        config, cluster = self.config, self.config.cluster
+        config = self.config
+        # gpus_per_actor: auto -> k from the model's size on the meta device (no weights read)
+        cluster = dataclasses.replace(config.cluster, gpus_per_actor=resolve_gpus_per_actor(config))
         arch, windows = self.prepare()
         fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}
         cache = EvalCache(self.rundir.evals, flush_every=None)  # flushed once per finished task
         try:
             with evaluator_pool(cluster, evaluator_cls=self.evaluator_cls, model=config.model, windows=windows,
-                                batch_size=config.search.batch_size, dtype=config.dtype) as pool:
-                self.replica_dtype = pool.dtype
+                                batch_size=config.search.batch_size, dtype=config.dtype,
+                                permutation=self.rundir.read_permutation()) as pool:
+                self.replica_dtype, self.permutation = pool.dtype, pool.permutation
+                if pool.permutation is not None:
+                    self.rundir.write_permutation(pool.permutation)
                 dispatcher = Dispatcher(pool.actors, timeout_s=cluster.eval_timeout_s,
                                         max_attempts=cluster.max_attempts)
                 self.scorer = Scorer(cache, dispatcher, arch, pool.model_fingerprint, fingerprints,
@@ -122,8 +132,8 @@ class Campaign:
         return result
 
     def _export_dtype(self) -> str:
-        """The dtype the search ran in, so the export is the model that was scored (the L1 order of
-        widths is computed in the weights' dtype); unknown (no pool): the checkpoint's own."""
+        """The dtype the search ran in, so the export is the model that was scored (its weights in
+        that dtype); unknown (no pool): the checkpoint's own."""
         return self.config.dtype if self.config.dtype != "auto" else (self.replica_dtype or "auto")
 
     def write_outputs(self, result: CampaignResult, arch: Arch) -> None:
@@ -154,6 +164,6 @@ class Campaign:
             from actors.export import export_compact
 
             export_compact(self.config.model, searcher.current, self.run_dir / "model",
-                           **{"dtype": path["dtype"], **result.extra.get("export", {})})
+                           **{"dtype": path["dtype"], "permutation": self.permutation, **result.extra.get("export", {})})
             log.info("compact model written to %s", self.run_dir / "model")
         write_report(self.run_dir)

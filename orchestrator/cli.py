@@ -61,7 +61,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .storage import local_run
 
     with local_run(args.model_or_run) as spec:  # a run directory behind a URI is pulled first
-        target = load_target(args.model_or_run if spec == Path(args.model_or_run) else str(spec))
+        target = load_target(args.model_or_run if spec == Path(args.model_or_run) else str(spec), dtype=args.dtype)
     result = evaluate_model(target, corpus=args.corpus, sequences=args.sequences, length=args.length, seed=args.seed,
                             tasks=args.tasks or (), batch_size=args.batch_size, limit=args.limit)
     print(json.dumps(result) if args.json else format_result(result))
@@ -118,18 +118,31 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
-    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_search
+    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_search, size_replica
     from search_spaces import Arch
 
     from .config_load import load_config
 
+    from actors.sizing import ReplicaTooLarge
+
     config = load_config(args.config, args.overrides, check_model=read_model_config)
     model = args.as_model or config.model
-    arch = Arch.from_hf_config(REFERENCE_MODELS.get(model) or read_model_config(model))
-    cal, hw = config.data.calibration, Hardware(tflops=args.tflops, gpu_memory_gb=args.gpu_memory_gb)
+    model_config = REFERENCE_MODELS.get(model) or read_model_config(model)
+    arch = Arch.from_hf_config(model_config)
+    memory = args.gpu_memory_gb or (config.cluster.gpu_memory_gb if config.cluster.gpu_memory_gb != "auto" else 80.0)
+    cal, hw = config.data.calibration, Hardware(tflops=args.tflops, gpu_memory_gb=memory)
     tokens = args.tokens or cal.sequences * cal.length
-    plans, notes = plan_search(arch, model, config.search, tokens, args.gpus, hw)
+    try:
+        replica = size_replica(model_config, config, memory, max_gpus=args.gpus_per_node)
+        k, memory_lines = replica.gpus, replica.describe()
+    except ReplicaTooLarge as exc:
+        k, memory_lines = 0, f"replica: does not fit one node: {exc}"
+    plans, notes = plan_search(arch, model, config.search, tokens, args.gpus, hw, replica_gpus=k)
     print(format_plans(plans, tokens, hw))
+    print()
+    print(memory_lines)
+    print(f"  (working memory for search.batch_size {config.search.batch_size} x "
+          f"{max(cal.length, config.data.evaluation.length)} tokens, the longer window; dtype {config.dtype})")
     for note in notes:
         print(f"note: {note}")
     return 0
@@ -148,6 +161,8 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config_checks import DTYPES
+
     parser = argparse.ArgumentParser(prog="rayprune", description="Structured pruning of LLMs on Ray.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--length", type=int, help="tokens per window (default: the run's, else 256)")
     ev.add_argument("--seed", type=int, help="window seed (default: the run's, else 1234)")
     ev.add_argument("--batch-size", type=int, default=4, help="held-out windows (and zero-shot requests) per forward pass")
+    ev.add_argument("--dtype", choices=DTYPES, help="evaluate in this dtype (default: the run's, an export's own, "
+                                                    "float32 for a dense model; auto: fp32 on a CPU)")
     ev.add_argument("--tasks", nargs="+", metavar="FILE_OR_NAME",
                     help="zero-shot lm_eval tasks: local task YAML files or registered names (needs rayprune[eval])")
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
@@ -195,12 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="predict a campaign's wall time on 1..N GPUs before it starts",
                           description="The scaling model of cluster/plan.py applied to a config: steps, evaluations "
-                                      "and wall time with the naive loop and with the engine.")
+                                      "and wall time with the naive loop and with the engine; and the replica: "
+                                      "GPUs per replica and its memory (weights per GPU from accelerate's device map "
+                                      "on the meta device, the engine's working memory) in the config's dtype "
+                                      "(override it, e.g. dtype=float32; auto plans 16-bit GPU weights).")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     plan.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
     plan.add_argument("--tflops", type=float, default=35.0, help="effective TFLOPS of one GPU (default 35)")
-    plan.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    plan.add_argument("--gpu-memory-gb", type=float,
+                      help="memory of one GPU in GB (default: cluster.gpu_memory_gb when a number, else 80)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, help="the most GPUs one replica may span (default 8)")
     plan.add_argument("--tokens", type=int, help="calibration tokens (default: sequences x length of the config)")
     plan.add_argument("--as-model", help="plan for a reference architecture instead (llama2-7b, llama2-13b, llama2-70b)")
     plan.set_defaults(func=_plan)

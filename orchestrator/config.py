@@ -98,7 +98,10 @@ class ClusterConfig:
 
     actors: int | str = 1  # or "auto": as many as the cluster's resources allow
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float = 0.0  # fractions below 1 share a GPU; above 1 must be whole
+    # fractions below 1 share a GPU; above 1 must be whole; "auto": the fewest GPUs that hold the model
+    # and the engine's working memory in the dtype (cluster/replica_size.py), 0 on a cluster without GPUs
+    gpus_per_actor: float | str = 0.0
+    gpu_memory_gb: float | str = "auto"  # one GPU's memory in GB (1e9 bytes) for sizing replicas; auto: ask the cluster
     eval_timeout_s: float = 600.0  # one batch of masks on one actor
     max_attempts: int = 3  # per mask, before it is recorded as failed
     placement_timeout_s: float = 60.0  # wait this long for the cluster to fit every replica

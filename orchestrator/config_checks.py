@@ -121,11 +121,24 @@ def _bool(value: Any, path: str) -> bool:
     return value
 
 
-def _gpus(value: Any, path: str) -> float:
+def _gpus(value: Any, path: str) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and not _EXPONENT.match(value):
+        raise BadValue(f"is not a number of GPUs or 'auto'; use e.g. {path}=1 or {path}=auto (the fewest GPUs "
+                       f"that hold the model in its dtype)")
     number = _float(0.0, "1", strict=False)(value, path)
     if number > 1 and not number.is_integer():
         raise BadValue(f"above 1 must be a whole number of GPUs; use e.g. {path}={int(number)}")
     return number
+
+
+def _gpu_memory(value: Any, path: str) -> float | str:
+    if value == "auto":
+        return value
+    if isinstance(value, str) and not _EXPONENT.match(value):
+        raise BadValue(f"is not a GPU memory in GB or 'auto'; use e.g. {path}=80 or {path}=auto (ask the cluster)")
+    return _float(0.0, "80", strict=True)(value, path)
 
 
 def _actors(value: Any, path: str) -> int | str:
@@ -251,6 +264,7 @@ SCHEMA: Section = (Config, {
         "actors": _actors,
         "cpus_per_actor": _float(0.0, "1", strict=False),
         "gpus_per_actor": _gpus,
+        "gpu_memory_gb": _gpu_memory,
         "eval_timeout_s": _float(0.0, "600", strict=True),
         "max_attempts": _int(1, 3),
         "placement_timeout_s": _float(0.0, "60", strict=True),

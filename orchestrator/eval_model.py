@@ -6,10 +6,14 @@ What ``MODEL_OR_RUN`` names decides what is evaluated:
   holds the final model of ``path.json`` (a stale ``model/``, left by an earlier run, is named in a
   warning and not used); a run without one gets the final mask of ``path.json`` applied in memory to the configured model (L1
   reordered, physically sliced, SPRINT's refitted ``down_proj`` weights restored: what
-  ``export_compact`` would write). The held-out settings default to the run's ``data.corpus`` and
-  ``data.evaluation``, so the figure repeats the run's own;
+  ``export_compact`` would write, with the run's stored channel order). The held-out settings
+  default to the run's ``data.corpus`` and ``data.evaluation``, and the dtype to the one its search
+  ran in (``path.json``), so the figure repeats the run's own;
 - a compact export (its ``config.json`` has a ``rayprune`` entry): loaded with ``load_pruned``;
 - anything else is a dense model: a preset, a local Hugging Face directory or a hub id.
+
+``dtype`` (``--dtype``) overrides: ``auto`` is what a replica on this machine would use (fp32 on a
+CPU); an export is cast after loading.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class Target:
     evaluation: dict[str, Any] = field(default_factory=dict)  # corpus, sequences, length, seed
     recorded: dict[str, Any] | None = None  # path.json's held-out figures, for a run
 
+    @property
+    def dtype(self) -> str:
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
 
 def _is_run_dir(path: Path) -> bool:
     from .rundir import RunDir
@@ -57,10 +65,14 @@ def _run_evaluation(config: dict[str, Any]) -> dict[str, Any]:
     return {"corpus": data.get("corpus", "wikipedia"), **evaluation}
 
 
-def load_target(spec: str) -> Target:
-    """Load what ``spec`` names (see the module docstring); raises ValueError with the fix."""
+def load_target(spec: str, *, dtype: str | None = None) -> Target:
+    """Load what ``spec`` names (see the module docstring) in ``dtype`` (None: a run's own, an
+    export's stored one, fp32 for a dense model); raises ValueError with the fix."""
     from actors.export import compact_model, load_pruned
-    from actors.models import load_model, load_tokenizer, resolve_model
+    from actors.models import load_model, load_tokenizer, resolve_dtype, resolve_model
+
+    def cast(model: PreTrainedModel) -> PreTrainedModel:
+        return model if dtype is None else model.to(resolve_dtype(dtype, "cpu"))
 
     from .rundir import RunDir, final_mask
 
@@ -74,20 +86,22 @@ def load_target(spec: str) -> Target:
         for problem in stale:
             log.warning("%s: %s", path, problem)
         if _is_export(path / "model") and not any(p.startswith("model/") for p in stale):
-            return Target(load_pruned(path / "model"), load_tokenizer(path / "model"), "run export",
+            return Target(cast(load_pruned(path / "model")), load_tokenizer(path / "model"), "run export",
                           str(path / "model"), _run_evaluation(config), recorded)
         if not config.get("model") or run_path is None:
             raise ValueError(f"{path} is a run directory without model/, and without the config.yaml model and "
                              f"path.json needed to rebuild it; finish the run first (`rayprune run {path / 'config.yaml'}`)")
         steps = run_path["steps"]
         tuned = rundir.step_weights(steps[-1]) if steps else {}  # SPRINT's refits are part of its model
-        model = compact_model(str(config["model"]), final_mask(run_path), tuned=tuned)
+        run_dtype = str(resolve_dtype(dtype, "cpu")).removeprefix("torch.") if dtype else run_path.get("dtype", "float32")
+        model = compact_model(str(config["model"]), final_mask(run_path), tuned=tuned, dtype=run_dtype,
+                              permutation=rundir.permutation_or_warn())
         return Target(model, load_tokenizer(resolve_model(str(config["model"]))), "run (masked in memory)",
                       f"{config['model']} + final mask of {rundir.path_file}", _run_evaluation(config), recorded)
     if path.is_dir() and _is_export(path):
-        return Target(load_pruned(path), load_tokenizer(path), "compact export", str(path))
+        return Target(cast(load_pruned(path)), load_tokenizer(path), "compact export", str(path))
     source = resolve_model(spec)
-    return Target(load_model(source), load_tokenizer(source), "dense", spec)
+    return Target(load_model(source, dtype=resolve_dtype(dtype or "float32", "cpu")), load_tokenizer(source), "dense", spec)
 
 
 def evaluate_model(target: Target, *, corpus: str | None = None, sequences: int | None = None,
@@ -112,7 +126,7 @@ def evaluate_model(target: Target, *, corpus: str | None = None, sequences: int 
                               int(settings["length"]), int(settings["seed"]))
     score = heldout_score(target.model, windows, batch_size=batch_size)
     result: dict[str, Any] = {
-        "model": target.source, "kind": target.kind, "params": count_parameters(target.model),
+        "model": target.source, "kind": target.kind, "params": count_parameters(target.model), "dtype": target.dtype,
         "heldout": {"ppl": perplexity(score), "nll_sum": score.nll_sum, "tokens": score.tokens,
                     "seconds": score.seconds, **settings},
     }
@@ -128,7 +142,7 @@ def evaluate_model(target: Target, *, corpus: str | None = None, sequences: int 
 def format_result(result: dict[str, Any]) -> str:
     """The human-readable form ``rayprune eval`` prints without ``--json``."""
     held = result["heldout"]
-    lines = [f"model: {result['model']} ({result['kind']}, {result['params']:,} parameters)",
+    lines = [f"model: {result['model']} ({result['kind']}, {result['params']:,} parameters, {result.get('dtype', 'float32')})",
              f"held-out perplexity: {held['ppl']:.3f} ({held['corpus']} test split, {held['sequences']} x "
              f"{held['length']} tokens, seed {held['seed']}; {held['tokens']:,} predicted tokens, "
              f"{held['seconds']:.1f} s)"]

@@ -26,7 +26,9 @@ from .rundir import RunDir, RunDirectoryBusy, step_entry
 def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out: str | os.PathLike[str] | None = None,
                dtype: str | None = None) -> Path:
     """Write the model after ``step`` of a run's path (None: the last step) to ``out``, in ``dtype``
-    (None: the dtype the run's search ran in, as ``path.json`` records it; float32 for older runs).
+    (None: the dtype the run's search ran in, as ``path.json`` records it; float32 for older runs),
+    with the run's channel order (``permutation.safetensors``), so a width keeps the channels the
+    search scored whatever the dtype.
 
     An ``out`` inside the run directory (the default) is written under the run's lock:
     RunDirectoryBusy while a campaign (or another export) holds it. ValueError for a step off the
@@ -50,7 +52,7 @@ def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out:
     target = Path(out) if out else rundir.file("model" if step == last else f"model-step-{step}")
     if not _inside(target, rundir.path):
         return export_compact(str(model), Mask.from_dict(entry["mask"]), target, dtype=dtype,
-                              tuned=rundir.step_weights(entry))
+                              tuned=rundir.step_weights(entry), permutation=rundir.permutation_or_warn())
     try:
         rundir.lock()
     except RunDirectoryBusy:
@@ -60,7 +62,7 @@ def export_run(run_dir: str | os.PathLike[str], *, step: int | None = None, out:
             f"outside the run directory") from None
     try:
         return export_compact(str(model), Mask.from_dict(entry["mask"]), target, dtype=dtype,
-                              tuned=rundir.step_weights(entry))
+                              tuned=rundir.step_weights(entry), permutation=rundir.permutation_or_warn())
     finally:
         rundir.unlock()
 

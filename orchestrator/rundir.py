@@ -4,6 +4,8 @@ What a run directory holds (README, "What the demo prints"):
 
 - ``.lock``: held by the driver that runs the campaign (``flock``), so a second driver is refused;
 - ``config.yaml`` (the resolved config), ``calibration.parquet`` (the exact token windows);
+- ``permutation.safetensors``: the channel order every replica, export and eval of the run uses
+  (:mod:`actors.permutation`; computed once from the checkpoint);
 - ``evals/``: the Parquet cache (:mod:`orchestrator.cache` owns its parts; this module names it);
 - ``path.json``: the removal path, ``pruning_config.json``, ``search.json`` (a whole-mask search);
 - ``sprint/``: SPRINT's ``latency.json``, step results ``steps/<key>.json`` and refitted weights
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Mapping
@@ -27,12 +30,17 @@ from .files import atomic_write, write_json, write_via
 if TYPE_CHECKING:
     import numpy as np
 
+    from actors.permutation import Permutation
+
     from search_spaces import Mask
 
     from .config import Config
 
+log = logging.getLogger("rayprune")
+
 PATH_FILE = "path.json"
 CONFIG_FILE = "config.yaml"
+PERMUTATION_FILE = "permutation.safetensors"
 
 
 class RunDirectoryBusy(RuntimeError):
@@ -175,6 +183,38 @@ class RunDir:
 
         write_windows(self.file("calibration.parquet"), windows)
 
+    # ---- the channel order ---------------------------------------------------------------------------
+    def read_permutation(self) -> Permutation | None:
+        """The run's channel order; None when the run has none yet (or predates them). A corrupt file
+        is reported and treated as missing: the order is computed again from the checkpoint."""
+        from actors.permutation import BadPermutation, Permutation
+
+        file = self.file(PERMUTATION_FILE)
+        if not file.is_file():
+            return None
+        try:
+            return Permutation.load(file)
+        except BadPermutation as exc:
+            log.warning("%s; computing the order again", exc)
+            return None
+
+    def write_permutation(self, permutation: Permutation) -> None:
+        """Store the order the run's replicas use (atomically); unchanged files are not rewritten."""
+        known = self.read_permutation()
+        if known is None or known.digest != permutation.digest or known.checkpoint != permutation.checkpoint:
+            payload = permutation.to_bytes()
+            write_via(self.file(PERMUTATION_FILE), lambda handle: handle.write(payload))
+
+    def permutation_or_warn(self) -> Permutation | None:
+        """For ``export`` and ``eval`` of a finished run: its order, or None (the checkpoint's own
+        order) with a warning when the run predates stored orders."""
+        permutation = self.read_permutation()
+        if permutation is None:
+            log.warning("%s has no %s (a run from before rayprune stored its channel order): using the order "
+                        "computed from the checkpoint in float64, which may keep other channels than the search "
+                        "scored at near-ties", self.path, PERMUTATION_FILE)
+        return permutation
+
     # ---- the other outputs ---------------------------------------------------------------------------
     def write_json(self, name: str, data: Any) -> None:
         """``pruning_config.json``, ``search.json``, ``tune_best.json``, ...: JSON, atomically."""
@@ -187,13 +227,15 @@ class RunDir:
     def stale_artefacts(self, path: Mapping[str, Any] | None = None) -> list[str]:
         """What in the run directory holds another model than ``path.json`` says (one line each):
         ``model/`` vs the final step, ``model-step-K/`` vs step K, ``pruning_config.json`` vs the
-        final mask. Empty when everything matches (or there is nothing to compare)."""
+        final mask, and a width-pruned export made with another channel order than the run's
+        ``permutation.safetensors``. Empty when everything matches (or there is nothing to compare)."""
         from search_spaces import Arch
         from search_spaces.pruning_config import mask_to_pruning_config
 
         path = self.read_path() if path is None else path
         steps = path["steps"]
         found = []
+        permutation = self.read_permutation()
         exports = {len(steps): self.file("model")}
         for directory in self.path.glob("model-step-*"):
             number = directory.name.removeprefix("model-step-")
@@ -205,10 +247,14 @@ class RunDir:
                 continue
             entry = step_entry(path, step)
             expected = (_as_mask(entry["mask"]), dict(entry.get("tuned_weights") or {}))
+            rebuild = f"rebuild it with `rayprune export {self.path}{'' if step == len(steps) else f' --step {step}'}`"
             if (_as_mask(held[0]), held[1]) != expected:
                 found.append(f"{directory.name}/ holds another model than step {step} of {PATH_FILE} "
-                             f"(an earlier run's); rebuild it with `rayprune export {self.path}"
-                             f"{'' if step == len(steps) else f' --step {step}'}`")
+                             f"(an earlier run's); {rebuild}")
+            elif (permutation is not None and (expected[0].mlp_width or expected[0].head_units)
+                  and _export_order(directory) != permutation.tag):  # only widths depend on the order
+                found.append(f"{directory.name}/ keeps its widths' channels in another order than the run's "
+                             f"{PERMUTATION_FILE} ({_export_order(directory)} vs {permutation.tag}); {rebuild}")
         pruning_config = self.file("pruning_config.json")
         if pruning_config.is_file() and isinstance(path.get("arch"), dict):
             expected = mask_to_pruning_config(final_mask(path), Arch(**path["arch"]))
@@ -285,6 +331,14 @@ def exported_model(directory: Path) -> tuple[dict[str, Any], dict[str, str]] | N
     if not isinstance(entry, dict) or not isinstance(entry.get("mask"), dict):
         return None
     return entry["mask"], dict(entry.get("tuned") or {})
+
+
+def _export_order(directory: Path) -> str | None:
+    """The channel order a compact export was made with (its ``rayprune.reordered`` tag)."""
+    try:
+        return json.loads((directory / "config.json").read_text(encoding="utf-8"))["rayprune"].get("reordered")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
 
 
 def step_entry(path: Mapping[str, Any], step: int) -> dict[str, Any]:

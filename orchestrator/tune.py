@@ -179,11 +179,17 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
                          "data.calibration.windows from the config (or set it to null)")
     windows = campaign_windows(config, space.calibration_sequences)
     fingerprints = {name: windows_fingerprint(w) for name, w in windows.items()}
-    cluster = config.cluster
+    from cluster.replica_size import resolve_gpus_per_actor
+
+    cluster = dataclasses.replace(config.cluster, gpus_per_actor=resolve_gpus_per_actor(config))
     if not isinstance(cluster.actors, int):
         raise ValueError("rayprune tune needs a fixed pool: set cluster.actors to a number, e.g. cluster.actors=2")
+    rundir = RunDir(run_dir)
     with evaluator_pool(cluster, evaluator_cls=evaluator_cls, model=config.model, windows=windows,
-                        batch_size=config.search.batch_size, dtype=config.dtype) as pool:
+                        batch_size=config.search.batch_size, dtype=config.dtype,
+                        permutation=rundir.read_permutation()) as pool:
+        if pool.permutation is not None:  # the one order of every trial, and of `run best.yaml` here
+            rundir.write_permutation(pool.permutation)
         log.info("tune: %d evaluator(s), %d trials, one at a time", len(pool.actors), trials)
         dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint)
         dense_figures = {name: dense.score([Mask()], None, name, name)[Mask()] for name in ("validation", "evaluation")}

@@ -27,7 +27,10 @@ Rules:
    because SPEC 8 says index tensors live where the indexed tensor lives (CUDA accepts it at the cost
    of a host-to-device copy per call).
 6. ``t.numpy()`` of a tensor on a fake CUDA device raises ``TypeError`` as CUDA does.
-7. The mode is per thread (as torch function modes are): while :func:`emulate` is active, callables
+7. Integer devices are GPUs, as on a CUDA build (``torch.device(1)``, ``.to(0)``, ``module.to(0)``):
+   accelerate and transformers write device maps that way, so their real loaders and
+   ``dispatch_model`` hooks run under the emulation (with ``torch.cuda`` queries patched by the test).
+8. The mode is per thread (as torch function modes are): while :func:`emulate` is active, callables
    submitted to a ``concurrent.futures.ThreadPoolExecutor`` run under the same emulation.
 
 ``place()`` puts a tiny model on emulated devices the way accelerate's ``device_map="auto"`` does:
@@ -57,7 +60,8 @@ _STATE: dict[str, Any] = {"registry": None}
 _GETTERS = {"device", "is_cuda", "is_cpu"}
 _MOVES = {"to", "cuda", "cpu"}
 _CROSS_OK = {"copy_", "__set__", "__get__", "numpy", "get_device", "untyped_storage", "data_ptr",
-             "dim", "size", "numel", "element_size", "is_contiguous", "stride", "storage_offset"}
+             "dim", "size", "numel", "element_size", "is_contiguous", "stride", "storage_offset",
+             "_has_compatible_shallow_copy_type"}
 
 
 def _name(func) -> str:
@@ -66,6 +70,19 @@ def _name(func) -> str:
 
 def _owner(func):
     return getattr(func, "__self__", None)
+
+
+def _is_index(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _cuda_indices(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """``.to(0)`` / ``.to(device=1)``: integer devices are GPUs (a CPU build of torch refuses them)."""
+    if args and _is_index(args[0]):
+        args = (torch.device("cuda", args[0]), *args[1:])
+    if _is_index(kwargs.get("device")):
+        kwargs = {**kwargs, "device": torch.device("cuda", kwargs["device"])}
+    return args, kwargs
 
 
 def _storage(t: torch.Tensor):
@@ -115,6 +132,11 @@ class DeviceEmulation(TorchFunctionMode):
         if name == "numpy" and args and self.device_of(args[0]) != "cpu":
             raise TypeError(f"can't convert {self.device_of(args[0])} device type tensor to numpy. "
                             "Use Tensor.cpu() to copy the tensor to host memory first.")
+        if func is torch.device and args and _is_index(args[0]):
+            return torch.device("cuda", args[0])  # an integer device is a GPU, as on a CUDA build
+        if name == "_parse_to":  # nn.Module.to(0)
+            args, kwargs = _cuda_indices(args, kwargs)
+            return func(*args, **kwargs)
         if name in _MOVES and args and isinstance(args[0], torch.Tensor):
             return self._move(func, name, args, kwargs)
         if name in _CROSS_OK:
@@ -137,6 +159,7 @@ class DeviceEmulation(TorchFunctionMode):
                 target = self.device_of(rest[0])
                 real_args, real_kwargs = (rest[0].dtype, *rest[1:]), dict(kwargs)
             else:
+                rest, kwargs = _cuda_indices(rest, kwargs)
                 device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*rest, **kwargs)
                 target = source if device is None else str(device if device.index is not None or device.type == "cpu"
                                                             else torch.device(device.type, 0))

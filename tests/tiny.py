@@ -55,6 +55,14 @@ def tiny_model(family: str):
     return model.eval()
 
 
+def reorder_by_l1_(model, arch):
+    """``model`` in the L1 order of its own weights (float64, as ``actors.permutation`` computes a
+    checkpoint's), in place: what an evaluator does to a replica loaded from a saved ``model``."""
+    from actors.permutation import apply_permutation_, state_permutation
+
+    return apply_permutation_(model, arch, state_permutation(model.state_dict(), arch))
+
+
 def tiny_arch(family: str):
     from search_spaces import Arch
 

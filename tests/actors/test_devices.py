@@ -19,7 +19,8 @@ from actors.engine import Engine
 from actors.forward import LeanDecoder
 from actors.heldout import heldout_score
 from actors.sprint import Checkpoints, run_step
-from actors.surgery import prune_model_, reorder_by_l1_
+from actors.surgery import prune_model_
+from tests.tiny import reorder_by_l1_
 from search_spaces import Block, Mask
 from search_spaces.latency import BlockCosts
 from search_spaces.sprint import StepRequest, present_blocks

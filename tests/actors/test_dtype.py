@@ -138,11 +138,13 @@ def test_bf16_evaluator_holds_bf16_weights_and_scores_like_fp32(tiny_dir, window
     assert ppl16 == pytest.approx(ppl32, rel=0.01)
 
 
-def test_the_dtype_is_part_of_the_fingerprint_and_fp32_keeps_the_old_one(tiny_dir, windows):
-    old = model_fingerprint(tiny_dir) + "+l1"  # what every replica reported before dtype was a setting
+def test_the_dtype_is_part_of_the_fingerprint_and_fp32_adds_nothing(tiny_dir, windows):
+    from actors.permutation import checkpoint_permutation
+
+    old = model_fingerprint(tiny_dir) + "+" + checkpoint_permutation(tiny_dir).tag  # weights + channel order
     fingerprints = {d: Evaluator(tiny_dir, windows, batch_size=2, dtype=d).model_fingerprint
                     for d in ("float32", "bfloat16", "float16", "auto")}
-    assert fingerprints["float32"] == old  # existing fp32 caches stay valid
+    assert fingerprints["float32"] == old
     assert fingerprints["bfloat16"] == old + "+bfloat16"
     assert fingerprints["float16"] == old + "+float16"
     assert fingerprints["auto"] == old  # auto on a CPU is fp32

@@ -12,7 +12,8 @@ from safetensors import SafetensorError
 
 from actors.export import export_compact, load_pruned
 from actors.forward import LeanDecoder
-from actors.surgery import count_parameters, reorder_by_l1_
+from actors.surgery import count_parameters
+from tests.tiny import reorder_by_l1_
 from search_spaces import Mask, param_count
 from search_spaces.pruning_config import mask_from_pruning_config
 from tests.tiny import save_tiny, tiny_arch, tiny_model

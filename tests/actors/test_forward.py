@@ -59,7 +59,7 @@ def test_removing_a_block_changes_the_output(family):
 
 
 def test_l1_reordering_leaves_logits_unchanged(family):
-    from actors.surgery import reorder_by_l1_
+    from tests.tiny import reorder_by_l1_
 
     arch = tiny_arch(family)
     ids = torch.randint(0, arch.vocab_size, (2, 20), generator=torch.Generator().manual_seed(8))

@@ -11,7 +11,7 @@ from actors.engine import Engine, Score
 from actors.export import export_compact, load_pruned
 from actors.forward import LeanDecoder
 from actors.heldout import heldout_score, perplexity
-from actors.surgery import reorder_by_l1_
+from tests.tiny import reorder_by_l1_
 from orchestrator.data.windows import heldout_windows
 from search_spaces import Mask
 from tests.tiny import char_tokenizer, save_tiny, tiny_arch, tiny_model, write_corpus

@@ -228,3 +228,39 @@ def test_multipruner_settings_are_checked_against_the_model(write):
     assert "search.head_group 3" in message and "GQA" in message
     with pytest.raises(ConfigError, match="summing to 1"):
         load_config(path, ["search.method=multipruner", "search.split=[0.5, 0.3, 0.1]"])
+
+
+# ---- cluster.gpus_per_actor: auto and cluster.gpu_memory_gb (cluster/replica_size.py resolves them) ----
+def test_gpus_per_actor_auto_and_gpu_memory(write):
+    config = load_config(write(GOOD), ["cluster.gpus_per_actor=auto"])
+    assert config.cluster.gpus_per_actor == "auto" and config.cluster.gpu_memory_gb == "auto"
+    config = load_config(write(GOOD), ["cluster.gpus_per_actor=4", "cluster.gpu_memory_gb=80"])
+    assert config.cluster.gpus_per_actor == 4.0 and config.cluster.gpu_memory_gb == 80.0
+    assert load_config(write(GOOD), ["cluster.gpu_memory_gb=141.5"]).cluster.gpu_memory_gb == 141.5
+    yaml_text = GOOD.replace("gpus_per_actor: 0}", "gpus_per_actor: auto, gpu_memory_gb: 80}")
+    assert load_config(write(yaml_text)).cluster.gpus_per_actor == "auto"
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("cluster.gpus_per_actor=many", "cluster.gpus_per_actor 'many' is not a number of GPUs or 'auto'; use e.g. "
+                                    "cluster.gpus_per_actor=1 or cluster.gpus_per_actor=auto"),
+    ("cluster.gpus_per_actor=Auto", "is not a number of GPUs or 'auto'"),
+    ("cluster.gpus_per_actor=-1", "cluster.gpus_per_actor -1 must be >= 0"),
+    ("cluster.gpus_per_actor=true", "cluster.gpus_per_actor True is not a number"),
+    ("cluster.gpu_memory_gb=0", "cluster.gpu_memory_gb 0 must be > 0; use e.g. cluster.gpu_memory_gb=80"),
+    ("cluster.gpu_memory_gb=80GB", "cluster.gpu_memory_gb '80GB' is not a GPU memory in GB or 'auto'; use e.g. "
+                                   "cluster.gpu_memory_gb=80 or cluster.gpu_memory_gb=auto"),
+])
+def test_bad_gpu_settings_get_one_clear_error(write, override, fragment):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(GOOD), [override])
+    assert len(info.value.problems) == 1 and fragment in str(info.value)
+
+
+def test_the_resolved_config_keeps_auto(write, tmp_path):
+    config = load_config(write(GOOD), ["cluster.gpus_per_actor=auto"])
+    again = tmp_path / "again.yaml"
+    dump_yaml(config, again)
+    text = again.read_text()
+    assert "gpus_per_actor: auto" in text and "gpu_memory_gb: auto" in text
+    assert load_config(again).cluster == config.cluster

@@ -144,10 +144,16 @@ def test_a_bf16_campaign_runs_on_the_cpu_and_exports_bf16(ray_session, tmp_path)
     run_dir = campaign.run().run_dir
     assert campaign.replica_dtype == "bfloat16"
 
+    # One channel order, computed from the checkpoint, stored in the run, named by the cache and the export.
+    from actors.permutation import Permutation, checkpoint_permutation
+
+    stored = Permutation.load(run_dir / "permutation.safetensors")
+    assert stored.digest == checkpoint_permutation(setup["model"]).digest == campaign.permutation.digest
     rows = pq.read_table(sorted((run_dir / "evals").glob("*.parquet"))).to_pylist()
-    assert {r["model_fp"] for r in rows} == {model_fingerprint(setup["model"]) + "+l1+bfloat16"}
+    assert {r["model_fp"] for r in rows} == {model_fingerprint(setup["model"]) + f"+{stored.tag}+bfloat16"}
     exported = json.loads((run_dir / "model" / "config.json").read_text())
     assert exported["dtype"] == "bfloat16"
+    assert exported["rayprune"]["reordered"] == stored.tag
 
     # Its perplexities are fp32's within 1% (the tiny random model: flat, so the path may differ).
     path = json.loads((run_dir / "path.json").read_text())
@@ -187,4 +193,4 @@ def test_the_campaign_exports_in_the_dtype_its_replicas_ran_in(tmp_path, monkeyp
         searcher.observe({m: 2.0 + i for i, m in enumerate(proposal.masks)})
     result = CampaignResult(campaign.run_dir, searcher, {}, Counters(), 1.0, {"export": {"tuned": {}}})
     campaign.write_outputs(result, arch)
-    assert calls == [{"dtype": exported, "tuned": {}}]
+    assert calls == [{"dtype": exported, "permutation": None, "tuned": {}}]

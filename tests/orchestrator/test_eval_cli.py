@@ -13,7 +13,7 @@ from actors.engine import Engine
 from actors.export import export_compact
 from actors.forward import LeanDecoder
 from actors.heldout import perplexity
-from actors.surgery import reorder_by_l1_
+from tests.tiny import reorder_by_l1_
 from orchestrator import cli
 from orchestrator.data.windows import heldout_windows
 from search_spaces import Mask, param_count, ratio
@@ -73,6 +73,23 @@ def test_run_without_export_applies_its_final_mask_in_memory(run_dir, tmp_path, 
     result = eval_json(capsys, run, "--sequences", 3)
     assert result["kind"] == "run (masked in memory)" and "recorded_heldout" not in result  # other windows
     assert result["heldout"]["ppl"] == pytest.approx(engine_ppl(MASK, run_dir["corpus"], 3, 32, 5), rel=1e-5)
+
+
+def test_a_run_is_evaluated_in_the_dtype_its_search_ran_in(run_dir, tmp_path, capsys):
+    """path.json says bfloat16: eval rebuilds the run in bf16 (its figure repeats the run's), and
+    --dtype overrides; the fp32 and bf16 figures agree within bf16's precision."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run, ignore=shutil.ignore_patterns("model"))
+    path = json.loads((run / "path.json").read_text())
+    (run / "path.json").write_text(json.dumps({**path, "dtype": "bfloat16"}))
+    bf16 = eval_json(capsys, run)
+    fp32 = eval_json(capsys, run, "--dtype", "float32")
+    assert (bf16["dtype"], fp32["dtype"]) == ("bfloat16", "float32")
+    assert fp32["heldout"]["ppl"] == pytest.approx(engine_ppl(MASK, run_dir["corpus"], 4, 32, 5), rel=1e-5)
+    assert bf16["heldout"]["ppl"] == pytest.approx(fp32["heldout"]["ppl"], rel=0.02)
+    assert bf16["heldout"]["ppl"] != fp32["heldout"]["ppl"]
+    export = eval_json(capsys, run_dir["run"], "--dtype", "bfloat16")  # an export is cast on request
+    assert export["dtype"] == "bfloat16" and export["kind"] == "run export"
 
 
 def test_dense_directory_and_export_directory(run_dir, capsys):

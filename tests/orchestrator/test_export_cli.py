@@ -9,7 +9,7 @@ import torch
 
 from actors.export import load_pruned
 from actors.forward import LeanDecoder
-from actors.surgery import reorder_by_l1_
+from tests.tiny import reorder_by_l1_
 from orchestrator.cli import main
 from search_spaces import Block, Mask, param_count
 from search_spaces.pruning_config import mask_to_pruning_config

@@ -9,7 +9,7 @@ import torch
 
 from actors.engine import Engine
 from actors.forward import LeanDecoder
-from actors.surgery import reorder_by_l1_
+from tests.tiny import reorder_by_l1_
 from orchestrator.search import MultiPrunerSearcher
 from search_spaces import Block, Mask, ratio
 from search_spaces.budget import family_defaults, stage_budgets

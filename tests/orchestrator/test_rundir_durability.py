@@ -79,6 +79,39 @@ def test_an_earlier_step_export_is_detected(model_dir, tmp_path):
     assert [p for p in run.stale_artefacts() if p.startswith("model-step-1/")]
 
 
+def test_a_width_export_made_with_another_channel_order_is_stale_and_rebuilt_with_the_runs(model_dir, tmp_path, caplog):
+    """The run's permutation.safetensors decides which channels a width keeps: an export made with
+    another order is stale; export and eval of the run use the run's order, not the checkpoint's."""
+    import numpy as np
+
+    from actors.permutation import Permutation, checkpoint_permutation
+
+    narrow = Mask().with_mlp_width(0, 24)
+    run = make_run(tmp_path / "run", model_dir, narrow, exported=narrow)
+    own = checkpoint_permutation(model_dir)
+    assert run.stale_artefacts() == []
+    rng = np.random.default_rng(0)
+    other = Permutation(own.checkpoint, tuple(rng.permutation(len(o)) for o in own.mlp), own.units)
+    run.write_permutation(other)  # the run searched with this order
+    assert any("another order than the run's permutation.safetensors" in p for p in run.stale_artefacts())
+    blocks_only = make_run(tmp_path / "blocks", model_dir, EARLY, exported=EARLY)
+    blocks_only.write_permutation(other)
+    assert blocks_only.stale_artefacts() == []  # without widths the order changes nothing
+
+    with caplog.at_level(logging.WARNING, logger="rayprune"):
+        target = load_target(str(run.path))
+    assert target.kind == "run (masked in memory)"
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    gate = load_file(str(Path(model_dir) / "model.safetensors"))["model.layers.0.mlp.gate_proj.weight"]
+    assert (target.model.model.layers[0].mlp.gate_proj.weight == gate[other.mlp[0][:24]]).all()
+    assert cli.main(["export", str(run.path)]) == 0
+    assert run.stale_artefacts() == []
+    assert json.loads(run.file("model/config.json").read_text())["rayprune"]["reordered"] == other.tag
+
+
 @pytest.mark.parametrize("content, message", [("{not json", "path.json cannot be read"),
                                               ('{"steps": 5}', "is not a removal path")])
 def test_a_broken_path_json_is_named(tmp_path, capsys, content, message):
@@ -151,3 +184,21 @@ def test_a_key_an_older_rayprune_did_not_write_is_not_a_change(tmp_path):
     run.file("config.yaml").write_text("\n".join(older) + "\n")  # written before the dtype key existed
     run.write_path(path_of(EARLY))
     assert run.keep_history(config(0, 0.3)) == [] and run.has_path()
+
+
+def test_a_corrupt_permutation_file_is_named_and_computed_again(model_dir, tmp_path, caplog):
+    from actors.permutation import checkpoint_permutation
+
+    run = make_run(tmp_path / "run", model_dir, EARLY)
+    assert run.read_permutation() is None  # a run from before stored orders
+    permutation = checkpoint_permutation(model_dir)
+    run.write_permutation(permutation)
+    assert run.read_permutation().digest == permutation.digest
+    data = bytearray(run.file("permutation.safetensors").read_bytes())
+    data[-3] ^= 0x10
+    run.file("permutation.safetensors").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="rayprune"):
+        assert run.read_permutation() is None
+    assert "permutation.safetensors is corrupt" in caplog.text and "computing the order again" in caplog.text
+    run.write_permutation(permutation)  # what the campaign does with the order its pool computed
+    assert run.read_permutation().digest == permutation.digest

@@ -16,7 +16,7 @@ from actors.evaluator import Evaluator
 from actors.export import load_pruned
 from actors.forward import LeanDecoder
 from actors.sprint import TunedSwap
-from actors.surgery import reorder_by_l1_
+from tests.tiny import reorder_by_l1_
 from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign, CampaignResult
 from orchestrator.data.windows import windows_fingerprint

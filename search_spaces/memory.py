@@ -1,0 +1,151 @@
+"""The engine's working memory of one replica: what it needs on its GPUs besides the weights.
+
+Pure arithmetic from an :class:`~search_spaces.Arch` (no torch), so ``rayprune plan`` and
+``cluster.gpus_per_actor: auto`` can size a replica before anything loads. Each part follows what
+the code allocates (SPEC §8 gives the figures for Llama-2-70B):
+
+* **kept streams** (``actors/engine.py``): within a step the engine keeps, for one calibration batch,
+  the residual stream entering every block where some mask diverges: at most ``2L + 1`` tensors of
+  ``batch x tokens x hidden`` in the model's dtype (entering each of the ``2L`` blocks, and the final
+  stream). Each lives on the device of the layer that made it, so they spread with the layers.
+* **temporaries** of one block, per concurrent candidate stream: the running stream plus the larger of
+  the MLP's (gate, up and their product: ``3 x batch x tokens x intermediate``) and attention's
+  (q, k, v and its output). Attention scores (``tokens x tokens``) are not counted: SDPA's flash and
+  memory-efficient kernels on CUDA never materialise them.
+* **loss**: the LM head runs over ``LOSS_CHUNK_TOKENS`` tokens at a time: logits in the dtype, their
+  fp32 copy and the fp32 log-softmax of one chunk.
+* **SPRINT** (``actors/sprint.py``): the memo of checkpointed states (up to ``max_states`` states, each
+  the streams of *all* calibration windows entering every checkpoint block); the streams a step keeps
+  for its refits, the refits' branches and the dense memo's every-block streams, each kept only when it
+  fits ``store_bytes`` (``actors.sprint.STORE_BYTES``); and the refits: ``top_k`` fp32 accumulators of
+  ``w x w + w x H`` and one float64 Cholesky solve at a time (about four ``w x w`` float64 matrices).
+  Checkpoints that spill to host memory do not count: ``checkpoint_budget`` caps the memo at what
+  stays on the device (None: all of it does).
+
+Temporaries, loss and refits may run on any GPU of a replica (``anywhere``); streams and checkpoints
+follow the layers (``per_layer``: one share per decoder layer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .arch import Arch
+
+#: Mirrors ``actors.forward.LOSS_CHUNK_TOKENS`` (tokens per chunk of LM head + cross-entropy).
+LOSS_CHUNK_TOKENS = 512
+#: Bytes per element of each dtype rayprune loads (``auto`` on a GPU is bf16 or fp16: 2 bytes).
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2}
+GIB = 1 << 30
+
+
+def dtype_bytes(dtype: str, *, on_gpu: bool = True) -> int:
+    """Bytes per element of the ``dtype`` setting; ``auto`` is 2 on a GPU (bf16 or fp16), 4 on a CPU."""
+    if dtype == "auto":
+        return 2 if on_gpu else 4
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {dtype!r} is not one rayprune loads; use auto, {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+@dataclass(frozen=True)
+class SprintMemory:
+    """What SPRINT's steps add (see the module docstring); all in bytes."""
+
+    checkpoints: int  # the memo of checkpointed states kept on the device
+    step_streams: int  # streams a step keeps for the refits, refit branches, dense every-block memo
+    refits: int  # top_k fp32 accumulators + one float64 solve
+
+
+@dataclass(frozen=True)
+class WorkingMemory:
+    """The working memory of one replica, by part, in bytes (see the module docstring)."""
+
+    kept_streams: int
+    temporaries: int
+    loss: int
+    sprint: SprintMemory | None = None
+    num_layers: int = 1
+
+    @property
+    def anywhere(self) -> int:
+        """Bytes any GPU of the replica may need at once: temporaries, loss and SPRINT's refits."""
+        return self.temporaries + self.loss + (self.sprint.refits if self.sprint else 0)
+
+    @property
+    def following_layers(self) -> int:
+        """Bytes that live with the layers that made them: kept streams and SPRINT's stored streams."""
+        extra = self.sprint.checkpoints + self.sprint.step_streams if self.sprint else 0
+        return self.kept_streams + extra
+
+    @property
+    def per_layer(self) -> float:
+        """:attr:`following_layers` per decoder layer (what each layer on a GPU brings along)."""
+        return self.following_layers / self.num_layers
+
+    @property
+    def total(self) -> int:
+        return self.anywhere + self.following_layers
+
+    def parts(self) -> dict[str, int]:
+        """The named parts, for printing (SPRINT's only when it runs)."""
+        named = {"kept streams": self.kept_streams, "block temporaries": self.temporaries, "loss chunk": self.loss}
+        if self.sprint:
+            named |= {"SPRINT checkpoints": self.sprint.checkpoints, "SPRINT step streams": self.sprint.step_streams,
+                      "SPRINT refits": self.sprint.refits}
+        return named
+
+    def describe(self) -> str:
+        """``20.1 GiB (kept streams 20.1 GiB, ...)``: the total and its non-zero parts."""
+        return f"{human_bytes(self.total)} ({', '.join(f'{k} {human_bytes(v)}' for k, v in self.parts().items() if v)})"
+
+
+def human_bytes(n: float) -> str:
+    """``128.5 GiB``, ``448.0 MiB``, ``12.0 KiB``: binary units, one decimal."""
+    for unit, size in (("GiB", GIB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def working_memory(arch: Arch, *, batch_size: int, tokens: int, element_bytes: int, streams: int = 1,
+                   sprint: bool = False, windows: int = 0, top_k: int = 5, checkpoint_every: int | None = None,
+                   max_states: int = 3, store_bytes: int = 2 << 30,
+                   checkpoint_budget: int | None = None) -> WorkingMemory:
+    """The working memory of a replica of ``arch`` scoring batches of ``batch_size`` x ``tokens``.
+
+    ``element_bytes``: the dtype's (2 for bf16/fp16, 4 for fp32); ``streams``: concurrent candidate
+    streams (1 on a GPU). With ``sprint``, ``windows`` is the number of calibration windows (SPRINT
+    keeps streams of all of them), ``top_k`` the refits per step, ``checkpoint_every`` the layers
+    between checkpoints (None: ``L // 4``), ``max_states`` the memo's states, ``store_bytes`` the cap
+    of what a step keeps, and ``checkpoint_budget`` the most the memo keeps on the device.
+    """
+    if min(batch_size, tokens, element_bytes, streams) < 1:
+        raise ValueError("batch_size, tokens, element_bytes and streams must be positive")
+    L, H, I = arch.num_layers, arch.hidden_size, arch.intermediate_size
+    rows = batch_size * tokens
+    stream = rows * H * element_bytes  # one residual stream of one batch
+    kept = (arch.num_blocks + 1) * stream
+    mlp = 3 * rows * I * element_bytes
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    attn = rows * (2 * q + 2 * kv) * element_bytes
+    temporaries = streams * (stream + max(mlp, attn))
+    loss = min(LOSS_CHUNK_TOKENS, rows) * arch.vocab_size * (element_bytes + 4 + 4)
+    extra = None
+    if sprint:
+        if windows < 1:
+            raise ValueError("SPRINT keeps streams of every calibration window: give windows >= 1")
+        every = checkpoint_every or max(1, L // 4)
+        all_windows = windows * tokens * H * element_bytes  # one stream of every window
+        memo = max_states * math.ceil(L / every) * all_windows
+        if checkpoint_budget is not None:
+            memo = min(memo, checkpoint_budget)
+        # Each store is kept only when it fits store_bytes (else the step recomputes from checkpoints).
+        stores = [(arch.num_blocks + 1) * all_windows,  # the step's every-block streams
+                  2 * top_k * all_windows,  # the refits' (branch, current) streams
+                  (arch.num_blocks + 1) * all_windows]  # the dense memo's every-block streams
+        step = sum(s for s in stores if s <= store_bytes)
+        refits = top_k * (I * I + I * H) * 4 + 4 * I * I * 8
+        extra = SprintMemory(memo, step, refits)
+    return WorkingMemory(kept, temporaries, loss, extra, L)
