@@ -223,8 +223,9 @@ def _projection_names(names: Any) -> dict[str, str]:
 
 
 class CheckpointRows:
-    """Row L1 norms of 2-D tensors in a directory of safetensors files, read through a memory map a
-    block of rows at a time (F32, F16, BF16, F64), summed in float64. Use as a context manager."""
+    """Row L1 norms of 2-D tensors in a directory of safetensors files, read through a memory map of
+    one tensor, a block of rows at a time (F32, F16, BF16, F64), summed in float64. Use as a context
+    manager."""
 
     _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
@@ -232,7 +233,6 @@ class CheckpointRows:
         self.files = sorted(Path(path).glob("*.safetensors"))
         if not self.files:
             raise FileNotFoundError(f"{path} holds no *.safetensors file to compute the channel order from")
-        self._maps: dict[Path, np.memmap] = {}
         self._where: dict[str, tuple[Path, dict[str, Any], int]] = {}
         for file in self.files:
             with open(file, "rb") as handle:
@@ -247,7 +247,7 @@ class CheckpointRows:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._maps.clear()
+        pass
 
     def row_l1(self, name: str) -> np.ndarray:
         if name not in self.names:
@@ -257,17 +257,19 @@ class CheckpointRows:
         if kind not in self._DTYPES or len(entry["shape"]) != 2:
             raise ValueError(f"{file.name}: {self.names[name]} is {kind} {entry['shape']}; rayprune reads 2-D "
                              f"F32, F16, BF16 or F64 projections")
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        start, end = entry["data_offsets"]
+        start, _ = entry["data_offsets"]
         rows, cols = entry["shape"]
-        matrix = self._maps[file][base + start: base + end].view(self._DTYPES[kind]).reshape(rows, cols)
+        # One map per tensor, dropped when done: its pages never add up to the checkpoint's size.
+        matrix = np.memmap(file, dtype=self._DTYPES[kind], mode="r", offset=base + start, shape=(rows, cols))
         out = np.empty(rows, dtype=np.float64)
-        for r in range(0, rows, ROW_BLOCK):
-            block = matrix[r: r + ROW_BLOCK]
-            if kind == "BF16":  # bfloat16 is the top half of a float32: exact
-                block = (block.astype(np.uint32) << 16).view(np.float32)
-            out[r: r + ROW_BLOCK] = np.abs(block.astype(np.float64)).sum(axis=1)
+        try:
+            for r in range(0, rows, ROW_BLOCK):
+                block = matrix[r: r + ROW_BLOCK]
+                if kind == "BF16":  # bfloat16 is the top half of a float32: exact
+                    block = (block.astype(np.uint32) << 16).view(np.float32)
+                out[r: r + ROW_BLOCK] = np.abs(block.astype(np.float64)).sum(axis=1)
+        finally:
+            del matrix
         return out
 
 
