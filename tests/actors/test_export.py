@@ -137,6 +137,7 @@ def test_export_refuses_what_it_did_not_write_before_loading_weights(kind, messa
         raise AssertionError("weights were loaded before the output directory was checked")
 
     monkeypatch.setattr("actors.export.compact_model", loaded)
+    monkeypatch.setattr("actors.stream_export.plan_compact", loaded)  # the streamed export's first read
     with pytest.raises(ValueError, match="choose a new --out") as info:
         export_compact(model, MASKS[0], target)
     assert message in str(info.value) and str(target.resolve()) in str(info.value)
@@ -188,17 +189,17 @@ FULL_DISK = [OSError(errno.ENOSPC, "No space left on device"),
 
 @pytest.mark.parametrize("error", FULL_DISK, ids=["oserror", "safetensors"])
 def test_a_full_disk_leaves_the_previous_export_and_no_staging_directory(error, model_dirs, tmp_path, monkeypatch):
-    from transformers import PreTrainedModel
+    import actors.stream_export
 
     out = export_compact(model_dirs["llama"], MASKS[0], tmp_path / "compact")
     before = snapshot(out)
-    real = PreTrainedModel.save_pretrained
+    real = actors.stream_export._write_shard
 
-    def full_disk(self, directory, *args, **kwargs):
-        real(self, directory, *args, **kwargs)  # some shards are written, then the disk is full
+    def full_disk(path, *args):
+        real(path, *args)  # a shard is written, then the disk is full
         raise error
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    monkeypatch.setattr(actors.stream_export, "_write_shard", full_disk)
     with pytest.raises(OSError) as info:
         export_compact(model_dirs["llama"], MASKS[1], tmp_path / "compact")
     message = str(info.value)

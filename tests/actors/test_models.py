@@ -166,6 +166,68 @@ def test_publish_replaces_a_damaged_directory(tmp_path):
     assert (damaged / "model.safetensors").read_bytes() == b"new"
 
 
+# --------------------------------------------------------------------------- the driver's tokenizer: no weights
+
+
+def _recording_hub(monkeypatch, snapshot: Path) -> list[tuple[str, list[str]]]:
+    """``huggingface_hub.snapshot_download`` replaced: records (repo, allow_patterns), returns ``snapshot``."""
+    import huggingface_hub
+
+    calls: list[tuple[str, list[str]]] = []
+
+    def snapshot_download(repo_id: str, *, allow_patterns: list[str], **kwargs) -> str:
+        calls.append((repo_id, list(allow_patterns)))
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_resolve_tokenizer_takes_a_directory_without_weights(tmp_path):
+    path = _fake_model_dir(tmp_path / "m")
+    (path / "model.safetensors").unlink()
+    assert models.resolve_tokenizer(str(path)) == path
+    with pytest.raises(ModelNotFound, match="safetensors"):
+        resolve_model(str(path))  # a replica still needs them
+    (path / "tokenizer.json").unlink()
+    with pytest.raises(ModelNotFound, match="lacks tokenizer files .* which the tokenizer needs"):
+        models.resolve_tokenizer(str(path))
+
+
+def test_a_hub_tokenizer_is_fetched_without_any_weight(tmp_path, monkeypatch):
+    snapshot = _fake_model_dir(tmp_path / "snapshot")
+    (snapshot / "model.safetensors").unlink()  # what the patterns below fetch
+    calls = _recording_hub(monkeypatch, snapshot)
+    assert models.resolve_tokenizer("org/model") == snapshot
+    [(repo, patterns)] = calls
+    assert repo == "org/model" and {"config.json", "tokenizer*"} <= set(patterns)
+    assert "*" not in patterns
+    assert not [p for p in patterns if "safetensors" in p or p.endswith((".bin", ".pt", ".gguf"))]
+    (snapshot / "model.safetensors").write_bytes(b"w")
+    assert resolve_model("org/model") == snapshot  # a replica's resolution asks for the weights
+    assert "*.safetensors" in calls[-1][1]
+
+
+def test_drawing_a_campaigns_windows_fetches_no_weights(tmp_path, monkeypatch):
+    from orchestrator.data.campaign_windows import campaign_windows
+    from tests.tiny import char_tokenizer, tiny_campaign_config, tiny_config, tiny_run_setup
+
+    monkeypatch.setenv("RAYPRUNE_CACHE", str(tmp_path / "cache"))
+    snapshot = tmp_path / "snapshot"  # config and tokenizer only: all the hub patterns fetch
+    tiny_config("llama").save_pretrained(snapshot)
+    char_tokenizer().save_pretrained(snapshot)
+    calls = _recording_hub(monkeypatch, snapshot)
+
+    def weights(spec: str) -> Path:
+        raise AssertionError(f"the driver resolved the weights of {spec}")
+
+    monkeypatch.setattr(models, "resolve_model", weights)
+    config = tiny_campaign_config(tiny_run_setup(tmp_path), "hub", model="org/tiny", **{"search.target_ratio": 0.1})
+    windows = campaign_windows(config)
+    assert windows["calibration"].shape == (4, 24) and windows["evaluation"].shape == (3, 32)
+    assert [repo for repo, _ in calls] == ["org/tiny"] and not any("safetensors" in p for p in calls[0][1])
+
+
 # --------------------------------------------------------------------------- fingerprint
 
 

@@ -82,6 +82,7 @@ def test_a_refused_out_is_refused_before_any_weight_is_loaded(setup, capsys, mon
         raise AssertionError("weights were loaded before --out was checked")
 
     monkeypatch.setattr("actors.export.compact_model", loaded)
+    monkeypatch.setattr("actors.stream_export.plan_compact", loaded)  # the streamed export's first read
     assert main(["export", str(setup["run"]), "--out", str(setup["run"])]) == 2
     assert "is a run directory" in capsys.readouterr().err
 
@@ -125,19 +126,19 @@ def test_export_into_a_run_waits_for_no_campaign_it_is_refused_while_one_runs(se
                                                    'StorageFull, message: "No space left on device" })')],
                          ids=["oserror", "safetensors"])
 def test_a_full_disk_is_one_clear_error_and_the_previous_model_stays(setup, capsys, monkeypatch, error):
-    from transformers import PreTrainedModel
+    import actors.stream_export
 
     run = setup["run"]
     assert main(["export", str(run)]) == 0
     capsys.readouterr()
     before = snapshot(run / "model")
-    real = PreTrainedModel.save_pretrained
+    real = actors.stream_export._write_shard
 
-    def full_disk(self, directory, *args, **kwargs):
-        real(self, directory, *args, **kwargs)
+    def full_disk(path, *args):
+        real(path, *args)
         raise error
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    monkeypatch.setattr(actors.stream_export, "_write_shard", full_disk)
     assert main(["export", str(run), "--step", "2"]) == 2
     err = capsys.readouterr().err
     model = (run / "model").resolve()
