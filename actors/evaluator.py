@@ -122,12 +122,23 @@ class Evaluator:
                 "load_seconds": self.load_seconds, "device": str(self.device), "dtype": self.dtype,
                 "threads": __import__("torch").get_num_threads()}
 
-    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:
-        """Score masks (canonical JSON) on a named window set; one dict per mask, in order."""
+    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
+                 rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+        """Score masks (canonical JSON) on a named window set; one dict per mask, in order.
+
+        ``rows`` (start, stop): only those windows of the set (a shard). NLL sums and token counts of
+        disjoint shards add up to the whole set's, exactly so for shards cut at batch boundaries."""
         from search_spaces import Mask
 
+        windows = self.windows[window_set]
+        if rows is not None:
+            start, stop = (int(r) for r in rows)
+            if not 0 <= start < stop <= windows.shape[0]:
+                raise ValueError(f"rows {tuple(rows)} is not a window range of {window_set!r}, which holds "
+                                 f"{windows.shape[0]} windows; pass 0 <= start < stop <= {windows.shape[0]}")
+            windows = windows[start:stop]
         parsed = [Mask.from_json(m) for m in masks]
-        scores = self.engine.score_masks(self.windows[window_set], parsed, None if base is None else Mask.from_json(base))
+        scores = self.engine.score_masks(windows, parsed, None if base is None else Mask.from_json(base))
         return [{"nll_sum": s.nll_sum, "tokens": s.tokens, "seconds": s.seconds, "worker": self.worker}
                 for s in scores]
 

@@ -26,7 +26,8 @@ def main() -> None:
     from cluster.session import connect, start_evaluators
     from orchestrator.data.corpus import load_documents
     from orchestrator.data.windows import token_windows
-    from orchestrator.dispatch import Dispatcher, Task, balanced_chunks
+    from orchestrator.dispatch import Dispatcher, Task
+    from search_spaces.tiling import balanced_chunks
     from search_spaces import Block, Mask
 
     path = resolve_model("smollm2-135m")

@@ -118,7 +118,8 @@ class Campaign:
                 dispatcher = Dispatcher(pool.actors, timeout_s=cluster.eval_timeout_s,
                                         max_attempts=cluster.max_attempts)
                 self.scorer = Scorer(cache, dispatcher, arch, pool.model_fingerprint, fingerprints,
-                                     progress=self.progress)
+                                     progress=self.progress, batch_size=config.search.batch_size,
+                                     window_shapes={name: w.shape for name, w in windows.items()})
                 run = search_run(config, self.scorer, self.rundir)
                 searcher = drive(run)
                 heldout = run.heldout(searcher)

@@ -1,19 +1,31 @@
 """Dispatching evaluation tasks over a pool of evaluator actors.
 
 The dispatcher owns ordering and retries; actors own nothing. Every actor gets a task as soon as it
-is free (no idle actor while work is queued). A task whose actor died (Ray restarts the actor and
-its model) or hung past its timeout (the actor is killed and restarted) is resubmitted; a task that
-raised is split into single masks so one bad mask cannot sink its neighbours; a mask is given up
-after ``max_attempts`` and reported as failed, and the search goes on.
+is free (no idle actor while work is queued). A task is a tile: masks on a window range of one set
+(``rows``; the scorer splits windows into shards so that a step with few masks still fills every
+replica). A task whose actor died (Ray restarts the actor and its model) or hung past its limit (the
+actor is killed and restarted) is resubmitted; a task that raised is split into single masks (on the
+same windows) so one bad mask cannot sink its neighbours; a mask is given up after ``max_attempts``
+and reported as failed, and the search goes on.
 
-An actor that Ray is restarting gets no work until it answers again (its ``__ray_ready__``), so no
-task is charged an attempt, or timed, for another task's crash; an actor that Ray reports dead for
-good leaves the pool, and the dispatcher raises only when no actor is left.
+An actor gets its first task, and its first after a restart, only once it answers
+(``__ray_ready__``), so loading a model is never timed, no task is charged an attempt for another
+task's crash, and an actor that Ray reports dead for good leaves the pool; the dispatcher raises only
+when no actor is left.
+
+The hang limit is proportional to work (:class:`HangLimit`): a task's work is its masks x the tokens
+each is scored on; once tasks have finished, a task is hung after ``slack`` (10) x the median seconds
+per mask-token of the finished tasks x its work, and never before the floor: 60 s, or what the
+configured ``timeout_s`` per mask allows the task if that is less. Before anything was measured, the
+configured ``timeout_s`` per mask (``cluster.eval_timeout_s``) is the limit. A task's limit is fixed
+when it starts; a task with its own ``timeout_s`` (a :class:`Call`) keeps it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,26 +36,32 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Task:
-    """Masks (canonical JSON) to score on one window set, branching from ``base``."""
+    """Masks (canonical JSON) to score on one window set, branching from ``base``; ``rows``: the
+    windows ``[start, stop)`` of the set (a shard; None: all), ``tokens``: the tokens each mask is
+    scored on there (None: learned from the first result on the same windows)."""
 
     window_set: str
     masks: list[str]
     base: str | None = None
     attempts: int = 0
     errors: list[str] = field(default_factory=list)
-    timeout_s: float | None = None  # None: the dispatcher's timeout per mask
+    timeout_s: float | None = None  # None: the dispatcher's hang limit (HangLimit)
+    rows: tuple[int, int] | None = None
+    tokens: int | None = None
 
     def submit(self, actor: Any) -> Any:
-        return actor.evaluate.remote(self.window_set, self.masks, self.base)
+        if self.rows is None:  # the call every evaluator (and every subclass in tests) understands
+            return actor.evaluate.remote(self.window_set, self.masks, self.base)
+        return actor.evaluate.remote(self.window_set, self.masks, self.base, self.rows)
 
     def single(self, mask: str) -> Task:
-        return Task(self.window_set, [mask], self.base, self.attempts, list(self.errors), self.timeout_s)
+        return dataclasses.replace(self, masks=[mask], errors=list(self.errors))
 
 
 @dataclass
 class Call(Task):
     """One call of any other evaluator method (``sprint_step``, ``latency_table``): its result is
-    the outcome's ``rows``; it is retried like a task, never split."""
+    the outcome's ``rows``; it is retried like a task, never split, never measured."""
 
     method: str = ""
     args: tuple[Any, ...] = ()
@@ -62,20 +80,72 @@ class Outcome:
     error: str | None = None
 
 
+class HangLimit:
+    """How long a task may run before it counts as hung: proportional to its work once work was
+    measured, the configured seconds per mask before that (see the module's docstring).
+
+    ``observe`` takes the wall seconds of every finished task (from its start on an actor that had
+    answered, so loading a model never counts); the median of the last ``window`` rates follows a
+    pool whose speed changes (masks get cheaper as the model shrinks) without one straggler moving it.
+    """
+
+    def __init__(self, per_mask_s: float, *, slack: float = 10.0, floor_s: float = 60.0, window: int = 256) -> None:
+        self.per_mask_s = per_mask_s
+        self.slack = slack
+        self.floor_s = floor_s
+        self.rates: deque[float] = deque(maxlen=window)  # seconds per mask-token of finished tasks
+        self._tokens: dict[tuple[str, tuple[int, int] | None], int] = {}  # tokens per mask, by windows
+
+    def tokens(self, task: Task) -> int | None:
+        """Tokens each mask of ``task`` is scored on: its own figure, else the one seen on its windows."""
+        return task.tokens or self._tokens.get((task.window_set, task.rows))
+
+    def limit(self, task: Task) -> float:
+        """Seconds ``task`` may run from now."""
+        if task.timeout_s:
+            return task.timeout_s
+        masks = max(1, len(task.masks))
+        configured = self.per_mask_s * masks
+        tokens = self.tokens(task)
+        if isinstance(task, Call) or not self.rates or not tokens:
+            return configured
+        # The floor: a configured limit below it is meant (it keeps hang tests quick), so it is the lower one.
+        return max(min(self.floor_s, configured), self.slack * statistics.median(self.rates) * masks * tokens)
+
+    def describe(self, task: Task) -> str:
+        """Where ``task``'s limit comes from, for the log line that reports a kill."""
+        if task.timeout_s:
+            return "the caller's own limit"
+        if isinstance(task, Call) or not self.rates or not self.tokens(task):
+            return "the configured limit: cluster.eval_timeout_s per mask, nothing measured yet"
+        return (f"{self.slack:g} x the measured {statistics.median(self.rates):.3g} s per mask-token x "
+                f"{len(task.masks)} masks x {self.tokens(task)} tokens, at least "
+                f"{min(self.floor_s, self.per_mask_s * max(1, len(task.masks))):g} s")
+
+    def observe(self, task: Task, rows: Any, seconds: float) -> None:
+        """Record a finished task: ``rows`` as ``evaluate`` returns them, ``seconds`` of wall time."""
+        if isinstance(task, Call) or not rows:
+            return
+        tokens = sum(int(row.get("tokens") or 0) for row in rows)
+        if tokens <= 0:
+            return
+        self._tokens[(task.window_set, task.rows)] = tokens // len(rows)
+        self.rates.append(seconds / tokens)
+
+
 class Dispatcher:
     def __init__(self, actors: Sequence[Any], *, timeout_s: float = 600.0, max_attempts: int = 3,
-                 poll_s: float = 1.0) -> None:
+                 poll_s: float = 1.0, hang: HangLimit | None = None) -> None:
         if not actors:
             raise ValueError("the dispatcher needs at least one actor")
         self.actors = list(actors)
         self.timeout_s = timeout_s
+        self.hang = hang or HangLimit(timeout_s)
         self.max_attempts = max_attempts
         self.poll_s = poll_s
         self.resubmissions = 0
-        self._restarting: dict[Any, Any] = {}  # readiness probe -> actor that Ray is restarting
-
-    def _timeout(self, task: Task) -> float:
-        return task.timeout_s or self.timeout_s * max(1, len(task.masks))
+        self._restarting: dict[Any, Any] = {}  # readiness probe -> actor that is loading (or Ray restarts)
+        self._answered: set[int] = set()  # ids of actors that answered once: they had loaded
 
     def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """``method(*args)`` on the first free evaluator (the same one while it lives, so its memo
@@ -92,14 +162,18 @@ class Dispatcher:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         queue: deque[Task] = deque(tasks)
+        for actor in self.actors:  # a first task waits until its actor has loaded: loading is never timed
+            if id(actor) not in self._answered:
+                self._answered.add(id(actor))
+                self._await_restart(actor)
         restarting = {id(actor) for actor in self._restarting.values()}
         idle = [actor for actor in self.actors if id(actor) not in restarting]
-        in_flight: dict[Any, tuple[Any, Task, float]] = {}
+        in_flight: dict[Any, tuple[Any, Task, float, float, str]] = {}  # ref -> actor, task, start, limit, why
         while queue or in_flight:
             while queue and idle:
                 actor, task = idle.pop(0), queue.popleft()
                 ref = task.submit(actor)
-                in_flight[ref] = (actor, task, time.monotonic())
+                in_flight[ref] = (actor, task, time.monotonic(), self.hang.limit(task), self.hang.describe(task))
             if not (in_flight or self._restarting):
                 raise RuntimeError(f"every evaluator died for good; {len(queue)} task(s) left undone. The Ray "
                                    f"logs of the evaluator processes say why (e.g. its model no longer loads)")
@@ -108,7 +182,7 @@ class Dispatcher:
                 if ref in self._restarting:
                     idle.extend(self._restarted(ref))
                     continue
-                actor, task, _ = in_flight.pop(ref)
+                actor, task, started, *_ = in_flight.pop(ref)
                 try:
                     rows = ray.get(ref)
                 except (RayActorError, GetTimeoutError) as exc:  # the process died: Ray restarts it
@@ -119,20 +193,21 @@ class Dispatcher:
                     idle.append(actor)
                     yield from self._retry(queue, task, f"evaluation raised: {exc.cause!r}", split=True)
                     continue
+                self.hang.observe(task, rows, time.monotonic() - started)
                 idle.append(actor)
                 yield Outcome(task, rows)
             now = time.monotonic()
-            for ref, (actor, task, started) in list(in_flight.items()):
-                if now - started > self._timeout(task):
-                    log.warning("evaluation of %d masks exceeded %.0f s: restarting its actor",
-                                len(task.masks), self._timeout(task))
+            for ref, (actor, task, started, limit, why) in list(in_flight.items()):
+                if now - started > limit:
+                    log.warning("evaluation of %d masks exceeded %.0f s (%s): restarting its actor",
+                                len(task.masks), limit, why)
                     del in_flight[ref]
                     ray.kill(actor, no_restart=False)
                     self._await_restart(actor)
                     yield from self._retry(queue, task, "timed out")
 
     def _await_restart(self, actor: Any) -> None:
-        """Keep ``actor`` out of work until Ray has restarted it (its model loaded again)."""
+        """Keep ``actor`` out of work until it answers (its model loaded, or loaded again)."""
         self._restarting[actor.__ray_ready__.remote()] = actor
 
     def _restarted(self, probe: Any) -> list[Any]:
@@ -162,21 +237,3 @@ class Dispatcher:
             queue.append(task)
         else:
             yield Outcome(task, None, "; ".join(task.errors))
-
-
-def balanced_chunks(costs: Sequence[float], n_chunks: int) -> list[list[int]]:
-    """Split items (kept in order) into at most ``n_chunks`` contiguous runs of similar total cost."""
-    if not costs:  # nothing to do: no chunk at all (an empty task would still occupy an actor)
-        return []
-    n_chunks = max(1, min(n_chunks, len(costs)))
-    target = sum(costs) / n_chunks
-    chunks: list[list[int]] = [[]]
-    acc = 0.0
-    for i, cost in enumerate(costs):
-        remaining_items, remaining_chunks = len(costs) - i, n_chunks - len(chunks)
-        if chunks[-1] and (acc + cost / 2 > target or remaining_items <= remaining_chunks) and remaining_chunks > 0:
-            chunks.append([])
-            acc = 0.0
-        chunks[-1].append(i)
-        acc += cost
-    return chunks

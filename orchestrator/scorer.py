@@ -4,8 +4,17 @@ The one path from a mask to its perplexity, shared by every campaign (greedy, Op
 by ``rayprune tune``'s trials: look the mask up in the Parquet cache (keyed by content: mask, model
 fingerprint, windows fingerprint), tile what is missing into tasks of similar cost, dispatch them,
 and write every result to the cache the moment it arrives, failures included (NaN perplexity, the
-error kept). A failed mask is data, ranked last; a batch whose every mask failed stops the run with
-the first error (:class:`EveryMaskFailed`). The counters say what this session ran, served and lost.
+error kept).
+
+A tile is a chunk of masks on a shard of the windows. A score is a sum over windows (NLL sums and
+token counts add up), so when a batch has fewer mask chunks than two per replica (a step with few
+candidates, the dense model, held-out scores), the windows are cut into shards at batch boundaries
+until there are at least two tiles per replica (:func:`window_shards`): every replica works while any
+work is queued. A mask's shards are added up in float64 (exactly rounded, so in any order) into one
+cache row; a mask with a shard that failed for good is a failed mask.
+
+A failed mask is data, ranked last; a batch whose every mask failed stops the run with the first
+error (:class:`EveryMaskFailed`). The counters say what this session ran, served and lost.
 """
 
 from __future__ import annotations
@@ -14,12 +23,15 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from search_spaces import Arch, Mask, mask_key, param_count, perplexity, rank_value, ratio
 
-from .dispatch import Dispatcher, Task, balanced_chunks
+from search_spaces.tiling import balanced_chunks, window_shards
+
+from .dispatch import Dispatcher, Outcome, Task
 
 if TYPE_CHECKING:
     from .cache import EvalCache
@@ -42,14 +54,59 @@ class Counters:
         return {"evaluated": self.evaluated, "cached": self.cached, "failed": self.failed}
 
 
+class MaskShards:
+    """Collects the tiles of a batch as they come back; a mask is done once every tile holding it
+    answered: its rows added up, or failed if any of them failed (all or nothing per mask)."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.expected = Counter(mask for task in tasks for mask in task.masks)
+        self.parts: dict[str, list[tuple[tuple[int, int] | None, dict[str, Any] | None, str | None]]] = {}
+
+    def add(self, outcome: Outcome) -> list[tuple[str, dict[str, Any] | None, str | None]]:
+        """``(mask JSON, row or None, error or None)`` of every mask that ``outcome`` completed."""
+        done = []
+        rows = outcome.rows or [None] * len(outcome.task.masks)
+        for mask, row in zip(outcome.task.masks, rows):
+            parts = self.parts.setdefault(mask, [])
+            parts.append((outcome.task.rows, row, outcome.error if row is None else None))
+            if len(parts) == self.expected[mask]:
+                done.append((mask, *combine_shards(self.parts.pop(mask))))
+        return done
+
+
+def combine_shards(parts: Sequence[tuple[tuple[int, int] | None, dict[str, Any] | None, str | None]]
+                   ) -> tuple[dict[str, Any] | None, str | None]:
+    """One mask's row from its shards' ``(rows, row, error)``: NLL sums and seconds added in float64
+    with ``math.fsum`` (exactly rounded: the arrival order cannot change a bit), token counts added,
+    workers listed; ``(None, error)`` if a shard failed."""
+    if len(parts) == 1:
+        return parts[0][1], parts[0][2]
+    failed = [(rows, error) for rows, row, error in parts if row is None]
+    if failed:
+        return None, "; ".join(f"windows {rows[0]}-{rows[1]}: {error}" if rows else str(error)
+                               for rows, error in failed)
+    rows = [row for _, row, _ in sorted(parts, key=lambda p: (p[0] or (0, 0))[0])]
+    return {"nll_sum": math.fsum(float(r["nll_sum"]) for r in rows), "tokens": sum(int(r["tokens"]) for r in rows),
+            "seconds": math.fsum(float(r.get("seconds") or 0.0) for r in rows),
+            "worker": ",".join(dict.fromkeys(str(r.get("worker")) for r in rows))}, None
+
+
 class Scorer:
-    """Perplexities of masks on named window sets (``calibration``, ``evaluation``, ...)."""
+    """Perplexities of masks on named window sets (``calibration``, ``evaluation``, ...).
+
+    ``window_shapes`` (``{name: (windows, tokens per window)}``, e.g. ``{n: w.shape for n, w in
+    windows.items()}``) and ``batch_size`` (the engine's, ``search.batch_size``) let it cut window
+    shards and tell the dispatcher each task's tokens; without them every task covers all windows.
+    """
 
     def __init__(self, cache: EvalCache, dispatcher: Dispatcher, arch: Arch, model_fingerprint: str,
-                 fingerprints: dict[str, str], *, progress: bool = False) -> None:
+                 fingerprints: dict[str, str], *, progress: bool = False,
+                 window_shapes: Mapping[str, Sequence[int]] | None = None, batch_size: int | None = None) -> None:
         self.cache, self.dispatcher, self.arch = cache, dispatcher, arch
         self.model_fingerprint, self.fingerprints = model_fingerprint, fingerprints
         self.progress = progress
+        self.window_shapes = {name: (int(shape[0]), int(shape[1])) for name, shape in (window_shapes or {}).items()}
+        self.batch_size = batch_size
         self.counters = Counters()
 
     def key(self, mask: Mask, window_set: str, model_fingerprint: str | None = None) -> str:
@@ -93,21 +150,26 @@ class Scorer:
             log.info("%s: %d of %d masks served from the cache", label, len(scores), total)
         by_json = {mask.to_json(): mask for mask in todo}
         errors: list[str] = []
-        for outcome in self.dispatcher.run(self._tasks(todo, base, window_set)):
-            if outcome.error is not None:
-                errors += [outcome.error] * len(outcome.task.masks)
+        tasks = self._tasks(todo, base, window_set)
+        shards = MaskShards(tasks)
+        for outcome in self.dispatcher.run(tasks):
+            done = shards.add(outcome)
+            if not done:  # a shard of masks whose other shards are still out
+                continue
             results = []
-            for mask_json, row in zip(outcome.task.masks, outcome.rows or [None] * len(outcome.task.masks)):
+            for mask_json, row, error in done:
                 mask = by_json[mask_json]
-                scores[mask] = self.record(mask, window_set, row, outcome.error, key=keys[mask])
+                if row is None:
+                    errors.append(error or "unknown error")
+                scores[mask] = self.record(mask, window_set, row, error, key=keys[mask])
                 results.append(scores[mask])
             self.cache.flush()
-            bar.update(len(outcome.task.masks))
+            bar.update(len(done))
             if not bar_on:
-                worker = (outcome.rows or [{}])[0].get("worker", "-")
+                worker = (done[0][1] or {}).get("worker", "-")
+                failed = next((error for _, row, error in done if row is None), None)
                 log.info("%s: %d masks from %s, best ppl %.3f (%d/%d done)%s", label, len(results), worker,
-                         min(results, key=rank_value), len(scores), total,
-                         f"; FAILED: {outcome.error}" if outcome.error else "")
+                         min(results, key=rank_value), len(scores), total, f"; FAILED: {failed}" if failed else "")
         bar.close()
         if total >= 2 and len(errors) == total:
             raise EveryMaskFailed(f"{label}: all {total} masks failed to evaluate, so there is nothing to decide "
@@ -117,7 +179,8 @@ class Scorer:
         return scores
 
     def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str) -> list[Task]:
-        """Chunks of masks of similar cost, masks ordered by where they leave the base."""
+        """Tiles: chunks of masks of similar cost (masks ordered by where they leave the base), each
+        on every window shard (:func:`window_shards`), the shards of a chunk one after another."""
         num_blocks = self.arch.num_blocks
         if base is None:
             starts = [0] * len(masks)
@@ -126,10 +189,22 @@ class Scorer:
             starts = [num_blocks if s is None else s for s in starts]
         order = sorted(range(len(masks)), key=lambda i: starts[i])
         costs = [num_blocks - starts[i] + 1 for i in order]
-        n_chunks = 1 if len(self.dispatcher.actors) == 1 else 2 * len(self.dispatcher.actors)
+        n_actors = len(self.dispatcher.actors)
+        chunks = balanced_chunks(costs, 1 if n_actors == 1 else 2 * n_actors)
         base_json = None if base is None else base.to_json()
-        return [Task(window_set, [masks[order[i]].to_json() for i in chunk], base_json)
-                for chunk in balanced_chunks(costs, n_chunks)]
+        return [Task(window_set, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens)
+                for chunk in chunks for rows, tokens in self._shards(window_set, len(chunks), n_actors)]
+
+    def _shards(self, window_set: str, n_chunks: int, n_actors: int) -> list[tuple[tuple[int, int] | None, int | None]]:
+        """``(rows, tokens per mask)`` of each window shard of ``window_set``; rows None: all windows."""
+        if window_set not in self.window_shapes:
+            return [(None, None)]
+        n_windows, length = self.window_shapes[window_set]
+        ranges = window_shards(n_windows, self.batch_size or n_windows, n_chunks, n_actors)
+        predicted = length - 1  # tokens predicted per window
+        if len(ranges) == 1:
+            return [(None, n_windows * predicted)]
+        return [((start, stop), (stop - start) * predicted) for start, stop in ranges]
 
     def record(self, mask: Mask, window_set: str, row: dict[str, Any] | None, error: str | None, *,
                model_fingerprint: str | None = None, latency: float | None = None, count: bool = True,

@@ -57,11 +57,12 @@ class FaultyEvaluator(Evaluator):
 class KilledOnce(FaultyEvaluator):
     """The first ``evaluate`` call of the run SIGKILLs its own process (by PID), mid-task."""
 
-    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:
+    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
+                 rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
         if self._once("killed"):
             self._note("killed", str(os.getpid()))
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().evaluate(window_set, masks, base)
+        return super().evaluate(window_set, masks, base, rows)
 
 
 class HungOnce(FaultyEvaluator):
@@ -69,11 +70,12 @@ class HungOnce(FaultyEvaluator):
 
     sleep_s: float = 3600.0
 
-    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:
+    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
+                 rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
         if self._once("hung"):
             self._note("hung", f"{os.getpid()} {len(masks)}")
             time.sleep(self.sleep_s)
-        return super().evaluate(window_set, masks, base)
+        return super().evaluate(window_set, masks, base, rows)
 
 
 class RaisesOnMask(FaultyEvaluator):
@@ -82,9 +84,10 @@ class RaisesOnMask(FaultyEvaluator):
     mask_json: str = ""
     always: bool = False
 
-    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:
+    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
+                 rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
         if self.mask_json in masks:
             self._note("attempts", f"{os.getpid()} {len(masks)}")
             if self.always or self._once("raised"):
                 raise ValueError(f"injected fault: cannot score {self.mask_json}")
-        return super().evaluate(window_set, masks, base)
+        return super().evaluate(window_set, masks, base, rows)

@@ -19,14 +19,17 @@ pytestmark = pytest.mark.ray
 
 
 class CountingEvaluator(Evaluator):
-    """Appends one line per mask it scores to ``<log_dir>/evaluated.log`` (across actors and runs)."""
+    """Appends one line per mask and window shard it scores to ``<log_dir>/evaluated.log`` (across
+    actors and runs): ``<window set> <rows or all> <mask>``."""
 
     log_dir: str = ""
 
-    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None) -> list[dict[str, Any]]:
+    def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
+                 rows: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+        shard = "all" if rows is None else f"{rows[0]}-{rows[1]}"
         with open(os.path.join(self.log_dir, "evaluated.log"), "a") as handle:
-            handle.writelines(f"{window_set} {m}\n" for m in masks)
-        return super().evaluate(window_set, masks, base)
+            handle.writelines(f"{window_set} {shard} {m}\n" for m in masks)
+        return super().evaluate(window_set, masks, base, rows)
 
 
 def counting(log_dir: Path) -> type:
@@ -38,8 +41,14 @@ def run(cfg, log_dir: Path):
 
 
 def evaluated(log_dir: Path) -> list[str]:
+    """Every (window set, shard, mask) an evaluator scored, in order."""
     file = log_dir / "evaluated.log"
     return file.read_text().splitlines() if file.exists() else []
+
+
+def masks_of(lines: list[str]) -> set[str]:
+    """The (window set, mask) pairs of ``evaluated`` lines: a mask's shards count once."""
+    return {f"{line.split(' ', 2)[0]} {line.split(' ', 2)[2]}" for line in lines}
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +65,8 @@ def config(setup, name: str, **overrides):
 def test_optuna_campaign_evaluates_no_mask_twice_and_writes_its_study(ray_session, setup, tmp_path):
     result = run(config(setup, "study"), tmp_path)
     lines = evaluated(tmp_path)
-    assert len(lines) == len(set(lines)) == result.counters.evaluated  # every evaluator call was a new mask
+    assert len(lines) == len(set(lines))  # no mask scored twice on the same windows
+    assert len(masks_of(lines)) == result.counters.evaluated  # every evaluator call was a new mask
     run_dir = result.run_dir
     search = json.loads((run_dir / "search.json").read_text())
     low, high = search["band"]
@@ -96,12 +106,13 @@ def test_optuna_campaign_resumes_after_being_stopped(ray_session, setup, tmp_pat
         run(config(setup, "resume", **settings), tmp_path)
     monkeypatch.setattr(OptunaSearcher, "observe", observe)
     stopped = evaluated(tmp_path)
-    assert len(stopped) == sum(batches)
+    assert len(masks_of(stopped)) == sum(batches)
 
     result = run(config(setup, "resume", **settings), tmp_path)
     lines = evaluated(tmp_path)
     # The stopped batch's trials were told from the cache rows (not evaluated again), then the study went on.
-    assert len(lines) == len(set(lines)) and result.counters.evaluated == len(lines) - len(stopped) > 0
+    assert len(lines) == len(set(lines))
+    assert result.counters.evaluated == len(masks_of(lines)) - len(masks_of(stopped)) > 0
     search = json.loads((result.run_dir / "search.json").read_text())
     assert search["counts"]["sampler"] == 16 and "blockpruner" not in search["counts"]
     assert {p["state"] for p in search["points"]} <= {"COMPLETE", "FAIL"}
