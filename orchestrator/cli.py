@@ -118,7 +118,7 @@ def _export(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     from actors.models import read_model_config
-    from cluster.plan import REFERENCE_MODELS, Hardware, format_plans, plan_search, size_replica
+    from cluster.plan import REFERENCE_MODELS, Hardware, assumptions, format_plans, plan_search, size_replica
     from search_spaces import Arch
 
     from .config_load import load_config
@@ -130,15 +130,22 @@ def _plan(args: argparse.Namespace) -> int:
     model_config = REFERENCE_MODELS.get(model) or read_model_config(model)
     arch = Arch.from_hf_config(model_config)
     memory = args.gpu_memory_gb or (config.cluster.gpu_memory_gb if config.cluster.gpu_memory_gb != "auto" else 80.0)
-    cal, hw = config.data.calibration, Hardware(tflops=args.tflops, gpu_memory_gb=memory)
+    cal, ev = config.data.calibration, config.data.evaluation
+    hw = Hardware(tflops=args.tflops, gpu_memory_gb=memory, gpus_per_node=args.gpus_per_node,
+                  fp32_tflops=args.fp32_tflops, read_gb_s=args.read_gb_s, reloads=args.reloads,
+                  straggler=args.straggler, tiling=args.tiling)
     tokens = args.tokens or cal.sequences * cal.length
+    workload = dict(dtype=config.dtype, window_length=cal.length, eval_tokens=ev.sequences * ev.length,
+                    eval_length=ev.length)
     try:
         replica = size_replica(model_config, config, memory, max_gpus=args.gpus_per_node)
         k, memory_lines = replica.gpus, replica.describe()
     except ReplicaTooLarge as exc:
         k, memory_lines = 0, f"replica: does not fit one node: {exc}"
-    plans, notes = plan_search(arch, model, config.search, tokens, args.gpus, hw, replica_gpus=k)
-    print(format_plans(plans, tokens, hw))
+    plans, notes = plan_search(arch, model, config.search, tokens, args.gpus, hw, replica_gpus=k, **workload)
+    print(assumptions(hw, config.dtype, tokens, cal.length, ev.sequences * ev.length, ev.length))
+    print()
+    print(format_plans(plans))
     print()
     print(memory_lines)
     print(f"  (working memory for search.batch_size {config.search.batch_size} x "
@@ -215,14 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
                                       "and wall time with the naive loop and with the engine; and the replica: "
                                       "GPUs per replica and its memory (weights per GPU from accelerate's device map "
                                       "on the meta device, the engine's working memory) in the config's dtype "
-                                      "(override it, e.g. dtype=float32; auto plans 16-bit GPU weights).")
+                                      "(override it, e.g. dtype=float32; auto plans 16-bit GPU weights). Steps are "
+                                      "given as a middle estimate and the range a greedy path can take; every "
+                                      "assumption is printed above the table.")
     plan.add_argument("config")
     plan.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     plan.add_argument("--gpus", type=int, nargs="+", default=[1, 8, 64])
-    plan.add_argument("--tflops", type=float, default=35.0, help="effective TFLOPS of one GPU (default 35)")
+    plan.add_argument("--tflops", type=float, default=35.0, help="effective 16-bit TFLOPS of one GPU (default 35)")
+    plan.add_argument("--fp32-tflops", type=float,
+                      help="effective TFLOPS in float32 (default: half of --tflops, TF32; on CPUs: measured)")
     plan.add_argument("--gpu-memory-gb", type=float,
                       help="memory of one GPU in GB (default: cluster.gpu_memory_gb when a number, else 80)")
-    plan.add_argument("--gpus-per-node", type=int, default=8, help="the most GPUs one replica may span (default 8)")
+    plan.add_argument("--gpus-per-node", type=int, default=8,
+                      help="GPUs per node: a replica spans at most these, and replicas fill nodes (default 8)")
+    plan.add_argument("--read-gb-s", type=float, default=1.0,
+                      help="shared storage bandwidth per replica in GB/s: loading, restarts, export (default 1)")
+    plan.add_argument("--reloads", type=float, default=1.0,
+                      help="expected replica restarts during the campaign, each a new start and load (default 1)")
+    plan.add_argument("--straggler", type=float, default=0.2,
+                      help="a step waits this fraction of its longest tile more (default 0.2)")
+    plan.add_argument("--tiling", choices=["scorer", "shards", "chunks"], default="scorer",
+                      help="how a step is cut into tiles: as the scorer does (default), windows first, or chunks "
+                           "only (before issue #12)")
     plan.add_argument("--tokens", type=int, help="calibration tokens (default: sequences x length of the config)")
     plan.add_argument("--as-model", help="plan for a reference architecture instead (llama2-7b, llama2-13b, llama2-70b)")
     plan.set_defaults(func=_plan)
