@@ -29,6 +29,9 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/campaigns.py
 	$(PY) bench/sprint_vs_blockpruner.py
+	$(PY) bench/plan_table.py
+	$(PY) bench/plan_vs_measured.py
+	$(PY) bench/driver_memory.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
