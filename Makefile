@@ -27,6 +27,7 @@ gpu-check: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/engine_step.py
 	$(PY) bench/throughput.py
+	$(PY) bench/busy_fraction.py
 	$(PY) bench/campaigns.py
 	$(PY) bench/sprint_vs_blockpruner.py
 	$(PY) bench/plan_table.py
