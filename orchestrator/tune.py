@@ -99,8 +99,9 @@ def trial_config(base: Config, hp: dict[str, Any]) -> Config:
 
 
 def trial_scorer(config: Config, arch: Arch, actors: Sequence[Any], fingerprints: dict[str, str],
-                 model_fp: str) -> Scorer:
-    """A :class:`~orchestrator.scorer.Scorer` on the shared pool and the run directory's one cache.
+                 model_fp: str, window_shapes: dict[str, tuple[int, ...]] | None = None) -> Scorer:
+    """A :class:`~orchestrator.scorer.Scorer` on the shared pool and the run directory's one cache;
+    with ``window_shapes`` (window set -> shape), a step with few masks is cut into window shards.
 
     Window sets are named as the actors hold them (``calibration@<n>``, ``validation``, ...).
     """
@@ -109,17 +110,18 @@ def trial_scorer(config: Config, arch: Arch, actors: Sequence[Any], fingerprints
     from .scorer import Scorer
 
     dispatcher = Dispatcher(actors, timeout_s=config.cluster.eval_timeout_s, max_attempts=config.cluster.max_attempts)
-    return Scorer(EvalCache(RunDir(config.output).evals, flush_every=None), dispatcher, arch, model_fp, fingerprints)
+    return Scorer(EvalCache(RunDir(config.output).evals, flush_every=None), dispatcher, arch, model_fp, fingerprints,
+                  batch_size=config.search.batch_size, window_shapes=window_shapes)
 
 
 def run_trial(hp: dict[str, Any], *, base: Config, arch: Arch, actors: Sequence[Any], fingerprints: dict[str, str],
-              model_fp: str) -> dict[str, Any]:
+              model_fp: str, window_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
     """One greedy campaign against the shared pool; returns (and reports to Tune) its figures."""
     from .search_run import PerplexityRun, drive
 
     t0 = time.perf_counter()
     config = trial_config(base, hp)
-    scorer = trial_scorer(config, arch, actors, fingerprints, model_fp)
+    scorer = trial_scorer(config, arch, actors, fingerprints, model_fp, window_shapes)
     window = f"calibration@{config.data.calibration.sequences}"
     try:
         searcher = drive(PerplexityRun(config, scorer, RunDir(config.output), window_set=window))
@@ -191,13 +193,14 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
         if pool.permutation is not None:  # the one order of every trial, and of `run best.yaml` here
             rundir.write_permutation(pool.permutation)
         log.info("tune: %d evaluator(s), %d trials, one at a time", len(pool.actors), trials)
-        dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint)
+        shapes = {name: tuple(w.shape) for name, w in windows.items()}
+        dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint, shapes)
         dense_figures = {name: dense.score([Mask()], None, name, name)[Mask()] for name in ("validation", "evaluation")}
         dense.cache.flush()
         os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # JSON and CSV below; no TensorBoard
         trainable = tune.with_resources(
             tune.with_parameters(_trainable, base=config, arch=arch, actors=pool.actors, fingerprints=fingerprints,
-                                 model_fp=pool.model_fingerprint),
+                                 model_fp=pool.model_fingerprint, window_shapes=shapes),
             {"cpu": 0, "memory": 2**20})
         import optuna
 

@@ -56,7 +56,7 @@ export: false
 
     # Every evaluation of every trial came from the two replicas started once: no reload per trial.
     cache = EvalCache(run_dir / "evals")
-    workers = {row["worker"] for row in cache.rows()}
+    workers = {w for row in cache.rows() for w in row["worker"].split(",")}  # a sharded mask names each replica
     assert len(workers) == 2
     assert sum(int(r["evaluated"]) for r in rows) + 2 == len(cache)  # + dense on validation and held-out
 
