@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .offload import check_not_offloaded
-from .permutation import BadPermutation, Permutation, apply_permutation_, checkpoint_permutation
+from .permutation import Permutation, apply_permutation_, checkpoint_permutation
 
 
 def dtype_suffix(dtype: str) -> str:
@@ -90,11 +90,7 @@ class Evaluator:
         checkpoint = model_fingerprint(path)
         if reorder:
             permutation = permutation or checkpoint_permutation(path)
-            if permutation.checkpoint != checkpoint:
-                raise BadPermutation(f"the channel order given for {model} was computed from other weights "
-                                     f"({permutation.checkpoint[:16]}...) than {path} holds ({checkpoint[:16]}...); "
-                                     f"the model changed since the run began: delete the run's "
-                                     f"permutation.safetensors, or use a new output directory")
+            permutation.require_checkpoint(checkpoint, str(path))
         torch_dtype = resolve_dtype(dtype, load_device(device_map))
         self.dtype = str(torch_dtype).removeprefix("torch.")
         self.model = load_model(path, dtype=torch_dtype, device_map=device_map)

@@ -143,12 +143,10 @@ def export_compact(model: str, mask: Mask, out_dir: str | os.PathLike[str], *, d
 def _search_order(model: str, source: Path, permutation: Permutation | None) -> Permutation:
     """``permutation`` (the checkpoint's own when None), refused if computed from other weights."""
     from .fingerprint import model_fingerprint
-    from .permutation import BadPermutation, checkpoint_permutation
+    from .permutation import checkpoint_permutation
 
     permutation = permutation or checkpoint_permutation(source)
-    if permutation.checkpoint != (checkpoint := model_fingerprint(source)):
-        raise BadPermutation(f"the run's channel order was computed from other weights ({permutation.checkpoint[:16]}...) "
-                             f"than {model} holds now ({checkpoint[:16]}...); export the model the run searched")
+    permutation.require_checkpoint(model_fingerprint(source), str(model))
     return permutation
 
 

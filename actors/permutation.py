@@ -88,6 +88,14 @@ class Permutation:
                 if order.shape != (width,) or not np.array_equal(np.sort(order), np.arange(width)):
                     raise BadPermutation(f"layer {i}: the {name} order is not a permutation of {width} positions")
 
+    def require_checkpoint(self, checkpoint: str, where: str) -> None:
+        """BadPermutation unless the order was computed from the weights fingerprinted ``checkpoint``
+        (``where``: what holds them, for the message)."""
+        if self.checkpoint != checkpoint:
+            raise BadPermutation(f"the channel order was computed from other weights ({self.checkpoint[:16]}...) "
+                                 f"than {where} holds ({checkpoint[:16]}...): the model changed since the run "
+                                 f"began; delete the run's permutation.safetensors, or use a new output directory")
+
     def is_identity(self) -> bool:
         return all(np.array_equal(o, np.arange(o.size)) for o in (*self.mlp, *self.units))
 
@@ -186,8 +194,7 @@ def checkpoint_permutation(path: str | os.PathLike[str], *, cache: bool = True) 
         except BadPermutation:
             pass  # recompute and overwrite
     arch = Arch.from_hf_config(read_model_config(str(path)))
-    with CheckpointRows(path) as reader:
-        permutation = l1_permutation(reader.row_l1, arch, checkpoint)
+    permutation = l1_permutation(CheckpointRows(path).row_l1, arch, checkpoint)
     if cache:
         try:
             permutation.save(cached)
@@ -224,8 +231,7 @@ def _projection_names(names: Any) -> dict[str, str]:
 
 class CheckpointRows:
     """Row L1 norms of 2-D tensors in a directory of safetensors files, read through a memory map of
-    one tensor, a block of rows at a time (F32, F16, BF16, F64), summed in float64. Use as a context
-    manager."""
+    one tensor, a block of rows at a time (F32, F16, BF16, F64), summed in float64."""
 
     _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "BF16": np.uint16}
 
@@ -242,12 +248,6 @@ class CheckpointRows:
                 if name != "__metadata__":
                     self._where[name] = (file, entry, 8 + size)
         self.names = _projection_names(self._where)
-
-    def __enter__(self) -> CheckpointRows:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        pass
 
     def row_l1(self, name: str) -> np.ndarray:
         if name not in self.names:

@@ -252,9 +252,9 @@ class RunDir:
                 found.append(f"{directory.name}/ holds another model than step {step} of {PATH_FILE} "
                              f"(an earlier run's); {rebuild}")
             elif (permutation is not None and (expected[0].mlp_width or expected[0].head_units)
-                  and _export_order(directory) != permutation.tag):  # only widths depend on the order
+                  and held[2] != permutation.tag):  # only widths depend on the order
                 found.append(f"{directory.name}/ keeps its widths' channels in another order than the run's "
-                             f"{PERMUTATION_FILE} ({_export_order(directory)} vs {permutation.tag}); {rebuild}")
+                             f"{PERMUTATION_FILE} ({held[2]} vs {permutation.tag}); {rebuild}")
         pruning_config = self.file("pruning_config.json")
         if pruning_config.is_file() and isinstance(path.get("arch"), dict):
             expected = mask_to_pruning_config(final_mask(path), Arch(**path["arch"]))
@@ -321,24 +321,16 @@ def _as_mask(data: Mapping[str, Any]) -> Mask:
     return Mask.from_dict(data)
 
 
-def exported_model(directory: Path) -> tuple[dict[str, Any], dict[str, str]] | None:
-    """(mask, refitted weights by layer) that a compact export in ``directory`` records in its
-    ``config.json`` (``rayprune`` entry); None when ``directory`` is not such an export."""
+def exported_model(directory: Path) -> tuple[dict[str, Any], dict[str, str], str | None] | None:
+    """(mask, refitted weights by layer, channel order tag) that a compact export in ``directory``
+    records in its ``config.json`` (``rayprune`` entry); None when ``directory`` is not such an export."""
     try:
         entry = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("rayprune")
     except (OSError, ValueError, AttributeError):
         return None
     if not isinstance(entry, dict) or not isinstance(entry.get("mask"), dict):
         return None
-    return entry["mask"], dict(entry.get("tuned") or {})
-
-
-def _export_order(directory: Path) -> str | None:
-    """The channel order a compact export was made with (its ``rayprune.reordered`` tag)."""
-    try:
-        return json.loads((directory / "config.json").read_text(encoding="utf-8"))["rayprune"].get("reordered")
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
+    return entry["mask"], dict(entry.get("tuned") or {}), entry.get("reordered")
 
 
 def step_entry(path: Mapping[str, Any], step: int) -> dict[str, Any]:
