@@ -185,3 +185,25 @@ def test_peak_kept_hidden_bytes_stay_under_the_budget(streams):
     # The count of streams behind the budget is an upper bound of what really is alive at once.
     assert bounded.peak <= 2 * 30 * arch.hidden_size * 4 * (kept + 2 * concurrent)
     assert unbounded.peak >= 8 * 30 * arch.hidden_size * 4 * kept  # and it is what prefix reuse keeps
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_micro_batches_of_a_bf16_replica_on_two_emulated_gpus(tied):
+    """As a GPU user runs it: bf16 weights over 2 GPUs, a budget forcing micro-batches of one sample.
+    The same token counts, and the whole-batch CPU run's NLL sums (a sample's bf16 hidden states do not
+    depend on its micro-batch; only the fp32 loss chunks regroup: 1e-7 here)."""
+    from tests.emulation import device_map, place
+
+    arch = tiny_arch("llama")
+    windows = _windows(arch, seed=2)
+    masks = [Mask(), Mask(attn_removed={2}), Mask(mlp_removed={1}, mlp_width={3: 24}, head_units={0: 1})]
+    expected = Engine(LeanDecoder(tiny_twin("llama", tied).to(torch.bfloat16), arch), batch_size=4)
+    expected = expected.score_masks(windows, masks, Mask())
+    with emulate():
+        model = tiny_twin("llama", tied).to(torch.bfloat16)
+        model = place(model, device_map(model, 2))
+        engine = Engine(LeanDecoder(model, arch), batch_size=4, memory_budget=1)
+        assert engine.micro_batch_size(windows.shape[1], 3, len(masks)) == 1
+        got = engine.score_masks(windows.to(model.model.embed_tokens.weight.device), masks, Mask())
+    for g, e in zip(got, expected, strict=True):
+        assert g.tokens == e.tokens and g.nll_sum == pytest.approx(e.nll_sum, rel=1e-6)
