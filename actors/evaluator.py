@@ -2,8 +2,9 @@
 
 It is dumb and idempotent: the model loads in ``__init__`` (so a restarted actor is whole again),
 ``evaluate`` has no side effects, and it keeps no search state. Masks travel as canonical JSON.
-SPRINT's ``sprint_step`` receives its whole state in the request (refitted weights as arguments) and
-keeps only content-addressed memos (checkpoint streams, weights by hash) that a restart may lose;
+SPRINT's ``sprint_step`` (a whole step) and ``sprint_shard``/``sprint_solve`` (its phases, spread over
+a pool) receive their whole state in the request (refitted weights named by content hash) and keep
+only content-addressed memos (checkpoint streams, weights by hash) that a restart may lose;
 ``latency_table`` measures this device once per model (cached on disk).
 """
 
@@ -139,30 +140,107 @@ class Evaluator:
                 for s in scores]
 
     # ---- SPRINT (search state travels in the arguments; see actors/sprint.py) ---------------------
-    def sprint_step(self, request: Mapping[str, Any], *weights: Any) -> dict[str, Any]:
-        """One SPRINT step (``StepRequest.to_dict()``); ``weights``: the refitted down_proj weights
-        the request's ``tuned`` names, in its order (numpy or torch, H x w). Returns the step's result
-        with ``worker`` added (``choice.weight`` as numpy fp32)."""
-        import torch
-
+    # ``sources`` map the content hash of every refitted weight the request's ``tuned`` names to where
+    # it is (actors/weight_source.py). A call that cannot get some answers ``{"need_weights": [...]}``
+    # and does nothing else; the driver sends those by reference and calls again.
+    def _sprint_setup(self, request: Mapping[str, Any], sources: Mapping[str, Any], extra: frozenset[str] | set[str] = frozenset()):
         from search_spaces.sprint import StepRequest
 
-        from .sprint import Checkpoints, run_step
+        from .sprint import Checkpoints
+        from .weight_source import WeightMemo
 
         req = StepRequest.from_dict(request)
-        if len(weights) != len(req.tuned):
-            raise ValueError(f"sprint_step got {len(weights)} weight tensors for {len(req.tuned)} tuned layers; "
-                             f"pass one per entry of request['tuned'], in order")
+        named = {sha for _, sha in req.tuned} | extra
+        if named - set(sources):
+            raise ValueError(f"no source for refitted weights {sorted(named - set(sources))[:3]}; pass one for "
+                             f"every sha the request's tuned names")
         if not hasattr(self, "_sprint_memo"):  # memos only: content-addressed, lost on restart, no state
-            self._sprint_memo, self._sprint_weights = Checkpoints(), {}
-        for (_, sha), array in zip(req.tuned, weights):
-            if sha not in self._sprint_weights:
-                self._sprint_weights[sha] = torch.as_tensor(np.array(array, dtype=np.float32))
-        needed = {sha for _, sha in req.tuned}
-        self._sprint_weights = {k: v for k, v in self._sprint_weights.items() if k in needed}
+            self._sprint_memo, self._sprint_weights = Checkpoints(), WeightMemo()
+        missing = self._sprint_weights.resolve(sources)
+        return req, missing
+
+    def sprint_step(self, request: Mapping[str, Any], sources: Mapping[str, Any]) -> dict[str, Any]:
+        """One whole SPRINT step (``StepRequest.to_dict()``) on every window of its set. Returns the
+        step's result with ``worker`` added (``choice.weight`` as numpy fp32)."""
+        from .sprint import run_step
+
+        req, missing = self._sprint_setup(request, sources)
+        if missing:
+            return {"need_weights": missing, "worker": self.worker}
         result = run_step(self.engine.decoder, self.windows[req.window_set], self.engine.batch_size, req,
-                          self._sprint_weights, self._sprint_memo)
+                          self._sprint_weights.weights, self._sprint_memo)
         return {**result, "worker": self.worker}
+
+    def sprint_shard(self, phase: str, request: Mapping[str, Any], rows: Sequence[int], sources: Mapping[str, Any],
+                     payload: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """One phase of a SPRINT step on the windows ``rows`` (start, stop) of the request's set: sums
+        over those windows that the driver adds up over shards (orchestrator/sprint_pool.py).
+
+        - ``scores``: ``nll_sum``, ``tokens``, ``sensitivity``, ``walk_start``, ``state``;
+        - ``moments`` (payload ``top``): ``moments``, per candidate with a refit, ``zz`` (w x w),
+          ``zr`` (w x H) as numpy float64, ``rr`` and ``tokens``;
+        - ``rescore`` (payload ``weights``: candidate -> sha of its refitted weight, with a source):
+          ``sensitivity`` of those candidates with their refits.
+        """
+        import time as _time
+
+        import torch
+
+        from .sprint import StepWork
+
+        t0 = _time.perf_counter()
+        weights = {int(s): sha for s, sha in (payload or {}).get("weights", {}).items()}
+        req, missing = self._sprint_setup(request, sources, set(weights.values()))
+        if missing:
+            return {"need_weights": missing, "worker": self.worker}
+        windows = self.windows[req.window_set]
+        start, stop = (int(r) for r in rows)
+        if not 0 <= start < stop <= windows.shape[0]:
+            raise ValueError(f"rows {tuple(rows)} is not a window range of {req.window_set!r}, which holds "
+                             f"{windows.shape[0]} windows; pass 0 <= start < stop <= {windows.shape[0]}")
+        work = StepWork(self.engine.decoder, windows[start:stop], self.engine.batch_size, req,
+                        self._sprint_weights.weights, self._sprint_memo, f"{req.window_set}[{start}:{stop}]")
+        with work.active():
+            if phase == "scores":
+                out = work.scores(keep=True)
+            elif phase == "moments":
+                fits = work.moments([int(s) for s in payload["top"]])
+                out = {"moments": {s: {"zz": f.zz.cpu().numpy(), "zr": f.zr.cpu().numpy(), "rr": f.rr,
+                                       "tokens": f.tokens} for s, f in fits.items()}}
+            elif phase == "rescore":
+                tensors = {s: self._sprint_weights.weights[sha] for s, sha in weights.items()}
+                out = {"sensitivity": work.rescore({s: t.to(torch.float32) for s, t in tensors.items()})}
+                self._sprint_memo.drop_step()  # the step's last phase
+            else:
+                raise ValueError(f"unknown SPRINT phase {phase!r}; use scores, moments or rescore")
+        return {**out, "seconds": _time.perf_counter() - t0, "worker": self.worker}
+
+    def sprint_solve(self, request: Mapping[str, Any], sources: Mapping[str, Any], block: int,
+                     moments: Mapping[str, Any]) -> dict[str, Any]:
+        """Solve the refit after candidate ``block`` from its normal equations summed over every
+        shard (``zz``, ``zr``, ``rr``, ``tokens``), against this replica's current ``down_proj``.
+        Returns ``status``, ``before``, ``after``, and for an ``ok`` refit its ``weight`` (numpy fp32)
+        and ``sha``; this replica keeps the weight for the re-scores that follow."""
+        from search_spaces.sprint import tensor_key
+
+        from .refit import DownProjFit
+        from .sprint import StepWork
+
+        req, missing = self._sprint_setup(request, sources)
+        if missing:
+            return {"need_weights": missing, "worker": self.worker}
+        work = StepWork(self.engine.decoder, self.windows[req.window_set][:0], self.engine.batch_size, req,
+                        self._sprint_weights.weights, self._sprint_memo)
+        with work.active():
+            fit = DownProjFit.from_moments(moments, work.down_proj(int(block)).weight.device)
+            result = work.solve({int(block): fit})[int(block)]
+        out: dict[str, Any] = {"status": result.status, "before": result.before, "after": result.after,
+                               "weight": None, "sha": None, "worker": self.worker}
+        if result.ok:
+            weight = result.weight.cpu().numpy()
+            out["weight"], out["sha"] = weight, tensor_key(tuple(weight.shape), "float32", weight.tobytes())
+            self._sprint_weights.add(out["sha"], result.weight)
+        return out
 
     def latency_table(self, prompt: int, generate: int = 0, repeats: int = 5) -> dict[str, Any]:
         """This replica's latency table (``LatencyTable.to_dict()``) covering the scenario; measured

@@ -17,12 +17,19 @@ Per step, over the calibration batches (all exact, all in the model's dtype):
 2. rank by ``sensitivity / latency saved``; for the ``top_k`` best refit ``down_proj`` of
    ``target(s)`` so that the pruned model reproduces the *dense* stream after it (actors/refit.py);
 3. re-score those with their refitted weights and return the best tuned candidate and its weights.
+
+Everything a phase computes is a sum over windows: the NLL, each sensitivity (a sum over
+sequences) and the refit's normal equations (``Z^T Z``, ``Z^T R``, ``R^T R``). :class:`StepWork`
+runs the phases one at a time on any range of windows, so a step can also be spread over a pool
+(``orchestrator/sprint_pool.py``): every replica runs a phase on its shard, the driver adds the
+shards up, ranks, has the refits solved, and asks for the re-scores. :func:`run_step` chains the
+phases on one replica.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections import OrderedDict
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
@@ -30,12 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from search_spaces import Block, Mask
-from search_spaces.latency import best_candidate
-from search_spaces.sprint import (StepRequest, checkpoint_before, checkpoint_blocks, state_key, target_block,
-                                  tensor_key, top_candidates)
+from search_spaces.sprint import (StepRequest, best_tuned, checkpoint_before, checkpoint_blocks, refit_targets, state_key,
+                                  target_block, tensor_key, top_candidates, tuned_records)
 
-from .memory import resolve_budget, tensor_bytes
-from .refit import DownProjFit
+from .memory import resolve_budget
+from .refit import DownProjFit, FitResult
+from .sprint_memo import Checkpoints, Parked
+
+__all__ = ["Checkpoints", "Parked", "StepWork", "TunedSwap", "mlp_input", "run_step"]
 
 if TYPE_CHECKING:
     from .forward import LeanDecoder
@@ -44,72 +53,6 @@ if TYPE_CHECKING:
 #: this many bytes (or the memory budget, when smaller); beyond it they are recomputed from the
 #: checkpoints, which are always kept.
 STORE_BYTES = 2 << 30
-
-
-class Parked:
-    """A stream (N, T, H) moved to host memory (pinned when it comes from CUDA, so that copies back
-    run asynchronously). ``parked[rows]`` brings those rows back to the device it came from: to code
-    that only slices rows out of a checkpoint, it is the tensor it replaces."""
-
-    def __init__(self, t: torch.Tensor) -> None:
-        self.device, self.shape, self.dtype = t.device, t.shape, t.dtype
-        if torch.cuda.is_available() and t.is_cuda:
-            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self.host.copy_(t)
-        else:
-            self.host = t.to("cpu")
-
-    def __getitem__(self, rows: slice) -> torch.Tensor:
-        return self.host[rows].to(self.device, non_blocking=True)
-
-
-class Checkpoints:
-    """LRU memo: (window set, state key) -> {checkpoint block: stream entering it, (N, T, H)}.
-
-    Content-addressed and recomputable, so it is a cache, not state: losing it changes no result.
-    Streams on a device beyond the budget given to ``put`` are :class:`Parked` in host memory, least
-    recently used states first; ``memory_budget`` (bytes) overrides the budget ``run_step`` gives
-    (by default the replica's, actors/memory.py).
-    """
-
-    def __init__(self, max_states: int = 3, memory_budget: int | None = None) -> None:
-        self.max_states = max_states
-        self.memory_budget = memory_budget
-        self._states: OrderedDict[tuple[str, str], dict[int, torch.Tensor | Parked]] = OrderedDict()
-
-    def get(self, window_set: str, key: str | None) -> dict[int, torch.Tensor | Parked]:
-        found = self._states.get((window_set, key)) if key else None
-        if found is not None:
-            self._states.move_to_end((window_set, key))
-        return found or {}
-
-    def put(self, window_set: str, key: str, streams: dict[int, torch.Tensor | Parked],
-            budget: int | None = None) -> None:
-        """Keep ``streams`` as the newest state; then park streams until those left on a device fit
-        ``budget`` bytes (None: no limit)."""
-        self._states[(window_set, key)] = dict(streams)
-        self._states.move_to_end((window_set, key))
-        while len(self._states) > self.max_states:
-            self._states.popitem(last=False)
-        if budget is None:
-            return
-        excess = self.device_bytes() - budget
-        for streams in self._states.values():  # the least recently used first
-            for c, t in streams.items():
-                if excess <= 0:
-                    return
-                if isinstance(t, torch.Tensor) and t.device.type != "cpu":
-                    streams[c] = Parked(t)
-                    excess -= tensor_bytes(t)
-
-    def device_bytes(self) -> int:
-        """Bytes of the kept streams that are on a device (not in host memory)."""
-        return sum(tensor_bytes(t) for streams in self._states.values() for t in streams.values()
-                   if isinstance(t, torch.Tensor) and t.device.type != "cpu")
-
-    def parked(self) -> int:
-        """How many kept streams are parked in host memory."""
-        return sum(isinstance(t, Parked) for streams in self._states.values() for t in streams.values())
 
 
 class TunedSwap:
@@ -217,36 +160,91 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
     The memory budget is ``memo.memory_budget``, else the default of the decoder's devices.
     """
     t0 = time.perf_counter()
-    budget = resolve_budget(memo.memory_budget, decoder.model)
-    arch, mask, ws = decoder.arch, request.mask, request.window_set
-    num_blocks, L = arch.num_blocks, arch.num_layers
-    ckpts = checkpoint_blocks(L, request.checkpoint_every)
-    key = state_key(mask, request.tuned)
-    candidates = sorted(set(request.candidates))
-    targets = {s: target_block(mask, L, s) for s in candidates}
-    gone = [s for s in [*candidates, *dict(request.known)] if mask.removed(Block.from_index(s))]
-    if gone:
-        raise ValueError(f"blocks {gone[:5]} are removed in the request's mask; score only blocks it keeps")
-    missing = [h for _, h in request.tuned if h not in weights]
-    if missing:
-        raise ValueError(f"refitted weights {missing[:3]} were not passed; pass every weight the request's tuned names")
-    swap = TunedSwap(decoder, {layer: weights[h] for layer, h in request.tuned})
-    with torch.inference_mode(), swap:
-        # ---- 1. walk from the last usable checkpoint, scoring candidates on the way ------------------
-        want = checkpoint_before(candidates[0], ckpts) if candidates else num_blocks
-        usable = memo.get(ws, key) or {c: t for c, t in memo.get(ws, request.parent).items()
-                                        if c <= request.unchanged_before}
+    work = StepWork(decoder, windows, batch_size, request, weights, memo)
+    with work.active():
+        result: dict[str, Any] = {**work.scores(), "top": [], "tuned": [], "choice": None}
+        ranked = {**dict(request.known), **result["sensitivity"]}
+        if request.top_k > 0 and ranked:
+            top = top_candidates(ranked, request.costs, request.top_k)
+            fits = work.solve(work.moments(top))
+            kept = {s: fit.weight for s, fit in fits.items() if fit.ok}
+            rescored = work.rescore(kept)
+            info = {s: {"status": f.status, "before": f.before, "after": f.after} for s, f in fits.items()}
+            result["top"] = top
+            result["tuned"] = tuned_records(request.mask, decoder.arch.num_layers, top, ranked, info, rescored)
+            result["choice"] = choose(result["tuned"], request, {s: w.cpu().numpy() for s, w in kept.items()})
+    result["seconds"] = time.perf_counter() - t0
+    return result
+
+
+def choose(tuned: list[dict[str, Any]], request: StepRequest, weights: Mapping[int, Any]) -> dict[str, Any]:
+    """The best tuned candidate's record, with its refitted ``weight`` (numpy fp32; None when its
+    refit was not kept) and the weight's content hash ``sha``."""
+    chosen = best_tuned(tuned, request.costs)
+    weight = weights.get(chosen["block"])
+    sha = None if weight is None else tensor_key(tuple(weight.shape), "float32", weight.tobytes())
+    return {**chosen, "sha": sha, "weight": weight}
+
+
+class StepWork:
+    """The phases of one SPRINT step on one range of windows (all of a set, or a shard of it).
+
+    ``scores()`` walks the state, ``moments(top)`` accumulates the refits' normal equations,
+    ``solve(fits)`` solves them against the replica's current ``down_proj`` weights, and
+    ``rescore(weights)`` scores candidates with refitted weights. Call them inside ``active()``.
+    ``window_key`` names the windows in the memo (a shard's own key), so that the phases of a step
+    called one by one on this replica reuse the streams of the first; on another replica (or after
+    a restart) a phase walks again from whatever checkpoints it has, with the same numbers.
+    """
+
+    def __init__(self, decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request: StepRequest,
+                 weights: Mapping[str, torch.Tensor], memo: Checkpoints, window_key: str | None = None) -> None:
+        gone = [s for s in [*request.candidates, *dict(request.known)] if request.mask.removed(Block.from_index(s))]
+        if gone:
+            raise ValueError(f"blocks {gone[:5]} are removed in the request's mask; score only blocks it keeps")
+        missing = [h for _, h in request.tuned if h not in weights]
+        if missing:
+            raise ValueError(f"refitted weights {missing[:3]} were not passed; pass every weight the request's "
+                             f"tuned names")
+        self.decoder, self.windows, self.batch_size, self.request, self.memo = (decoder, windows, batch_size,
+                                                                                request, memo)
+        self.window_key = window_key or request.window_set
+        self.budget = resolve_budget(memo.memory_budget, decoder.model)
+        self.swap = TunedSwap(decoder, {layer: weights[h] for layer, h in request.tuned})
+        self.key = state_key(request.mask, request.tuned)
+        self.ckpts = checkpoint_blocks(decoder.arch.num_layers, request.checkpoint_every)
+        self.batches = _batches(windows.shape[0], batch_size)
+        self.streams: dict[int, torch.Tensor | Parked] | None = None
+        self._branches: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @contextmanager
+    def active(self) -> Iterator[StepWork]:
+        """Inference mode, with the request's refitted weights in the replica."""
+        with torch.inference_mode(), self.swap:
+            yield self
+
+    # ---- 1. walk from the last usable checkpoint, scoring candidates on the way ------------------------
+    def scores(self, keep: bool = False) -> dict[str, Any]:
+        """``nll_sum``, ``tokens``, the ``sensitivity`` of every requested candidate (sums over these
+        windows), ``walk_start`` and ``state``. ``keep``: leave the step's streams in the memo for the
+        phases a sharded step calls next on this replica."""
+        decoder, windows, request, memo = self.decoder, self.windows, self.request, self.memo
+        mask, ws, num_blocks = request.mask, self.window_key, decoder.arch.num_blocks
+        candidates = sorted(set(request.candidates))
+        want = checkpoint_before(candidates[0], self.ckpts) if candidates else num_blocks
+        usable = memo.get(ws, self.key) or {c: t for c, t in memo.get(ws, request.parent).items()
+                                             if c <= request.unchanged_before}
         usable = {c: t for c, t in usable.items() if c <= want}
         start = max(usable, default=0)
         finishing: dict[int, list[int]] = {}
-        for s, r in targets.items():
-            finishing.setdefault(r, []).append(s)
+        for s in candidates:
+            finishing.setdefault(target_block(mask, decoder.arch.num_layers, s), []).append(s)
         sens = {s: 0.0 for s in candidates}
-        keep_all = _fits(windows, decoder, num_blocks + 1 - start, budget)  # every entering stream, for the refits
+        keep_all = _fits(windows, decoder, num_blocks + 1 - start, self.budget)  # every entering stream, for refits
         recorded: dict[int, list[torch.Tensor]] = {c: [] for c in range(start, num_blocks + 1)
-                                                   if keep_all or c in ckpts}
+                                                   if keep_all or c in self.ckpts}
         nll_sum, tokens = 0.0, 0
-        for rows in _batches(windows.shape[0], batch_size):
+        for rows in self.batches:
             batch = windows[rows]
             h = usable[start][rows] if start in usable else decoder.embed(batch)  # (B, T, H)
             rope = decoder.rope(h)
@@ -269,102 +267,104 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
             nll_sum, tokens = nll_sum + nll, tokens + n
         streams = {c: t for c, t in usable.items() if c < start} | {c: torch.cat(t) for c, t in recorded.items()}
         del recorded  # the per-batch pieces (copied by cat)
-        memo.put(ws, key, {c: t for c, t in streams.items() if c in ckpts}, budget)
-        streams |= memo.get(ws, key)  # checkpoints the memo parked leave the device for this step too
+        memo.put(ws, self.key, {c: t for c, t in streams.items() if c in self.ckpts}, self.budget)
+        self.streams = streams | memo.get(ws, self.key)  # checkpoints the memo parked leave the device too
+        if keep:
+            memo.keep_step(ws, self.key, self.streams)
+        return {"state": self.key, "nll_sum": nll_sum, "tokens": tokens, "walk_start": start, "sensitivity": sens}
 
-        # ---- 2. refit the MLP after each of the best candidates ------------------------------------
-        result: dict[str, Any] = {"state": key, "nll_sum": nll_sum, "tokens": tokens, "walk_start": start,
-                                  "sensitivity": sens, "top": [], "tuned": [], "choice": None}
-        ranked = {**dict(request.known), **sens}
-        if request.top_k > 0 and ranked:
-            top = top_candidates(ranked, request.costs, request.top_k)
-            result["top"] = top
-            tuned, choice_weight = _tune(decoder, windows, batch_size, request, top, ranked, streams, swap, memo,
-                                         budget)
-            result["tuned"] = tuned
-            best = best_candidate({t["block"]: t["sensitivity"] for t in tuned}, request.costs)
-            chosen = next(t for t in tuned if t["block"] == best)
-            weight = choice_weight.get(best)
-            sha = None if weight is None else tensor_key(tuple(weight.shape), "float32", weight.tobytes())
-            result["choice"] = {**chosen, "sha": sha, "weight": weight}
-    result["seconds"] = time.perf_counter() - t0
-    return result
+    def _streams(self) -> dict[int, torch.Tensor | Parked]:
+        """The state's streams on these windows: this step's, the memo's, or a walk (no candidates)."""
+        if self.streams is None:
+            self.streams = self.memo.step(self.window_key, self.key)
+        if self.streams is None:
+            self.request = dataclasses.replace(self.request, candidates=())
+            self.scores()
+        return self.streams
 
+    # ---- 2. the refits' normal equations, and their solution ------------------------------------------
+    def moments(self, top: list[int]) -> dict[int, DownProjFit]:
+        """The normal equations (:class:`DownProjFit`, summed over these windows) of the refit after
+        each candidate of ``top`` that has one (``refit_targets``)."""
+        decoder, request, arch = self.decoder, self.request, self.decoder.arch
+        targets = refit_targets(request.mask, arch.num_layers, top)
+        if not targets:
+            return {}
+        dense = self._dense_streams()
+        # Each refit's sums live on its target layer's device (a replica over k GPUs), where z, the
+        # targets and the weight it replaces are; in host memory when the float64 sums of all of them
+        # exceed the replica's memory budget (70B: 8.5 GB per refit), products still computed on the GPU.
+        sums = sum(8 * self._width(s) * (self._width(s) + arch.hidden_size) for s in targets)
+        on_host = self.budget is not None and sums > self.budget
+        fits = {s: DownProjFit(self._width(s), arch.hidden_size, "cpu" if on_host else self.down_proj(s).weight.device)
+                for s in targets}
+        per_batch = 2 * self.windows[:1].numel() * arch.hidden_size * self.down_proj(next(iter(targets))).weight.element_size()
+        self._keep_branches = per_batch * self.windows.shape[0] * len(targets) <= _store_bytes(self.budget)
+        for b, rows in enumerate(self.batches):
+            dense_after: dict[int, torch.Tensor] = {}
+            for s, r in targets.items():
+                if r not in dense_after:
+                    with _dense(self.swap):
+                        c = _nearest(dense, r + 1)
+                        dense_after[r] = decoder.run(dense[c][rows], Mask(), c, r + 1)  # dense stream after r
+                g, _ = self._branch(s, b, rows)
+                bias = 0.0 if self.down_proj(s).bias is None else self.down_proj(s).bias
+                fits[s].add(mlp_input(decoder, r // 2, g, self._width(s)), dense_after[r] - g - bias)
+        return fits
 
-def _tune(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request: StepRequest, top: list[int],
-          ranked: Mapping[int, float], streams: dict[int, torch.Tensor | Parked], swap: TunedSwap,
-          memo: Checkpoints, budget: int | None) -> tuple[list[dict[str, Any]], dict[int, Any]]:
-    """Refit and re-score the ``top`` candidates; returns their records and the kept weights (numpy)."""
-    arch, mask, L = decoder.arch, request.mask, decoder.arch.num_layers
-    ckpts = checkpoint_blocks(L, request.checkpoint_every)
-    targets = {s: target_block(mask, L, s) for s in top}
-    tunable = [s for s in top if targets[s] % 2 == 1 and targets[s] != s
-               and not mask.removed(Block.from_index(targets[s]))]
-    records = {s: {"block": s, "target": targets[s], "sensitivity": ranked[s], "untuned": ranked[s],
-                   "status": "no-mlp", "before": None, "after": None} for s in top}
-    if not tunable:
-        return [records[s] for s in top], {}
-    dense_key = state_key(Mask(), ())
-    dense = memo.get(request.window_set, dense_key)
-    if not dense:  # every block's stream when it fits (the dense memo is reused by every step)
-        every = tuple(range(arch.num_blocks + 1)) if _fits(windows, decoder, arch.num_blocks + 1, budget) else ckpts
-        with _dense(swap):
-            dense = _walk_checkpoints(decoder, windows, batch_size, Mask(), every)
-        memo.put(request.window_set, dense_key, dense, budget)
-        dense = memo.get(request.window_set, dense_key)  # some may be parked now
-    widths = {s: mask.mlp_kept(targets[s] // 2, arch.intermediate_size) for s in tunable}
-    # Each refit lives on its target layer's device (a replica over k GPUs), where z, the targets
-    # and the weight it replaces are.
-    device = {s: decoder.layers[targets[s] // 2].mlp.down_proj.weight.device for s in tunable}
-    fits = {s: DownProjFit(widths[s], arch.hidden_size, device[s]) for s in tunable}
-    per_batch = 2 * windows[:1].numel() * arch.hidden_size * decoder.layers[0].mlp.down_proj.weight.element_size()
-    keep = per_batch * windows.shape[0] * len(tunable) <= _store_bytes(budget)
-    stored: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    def solve(self, fits: Mapping[int, DownProjFit]) -> dict[int, FitResult]:
+        """Solve each refit against the replica's current ``down_proj`` (refitted weights applied)."""
+        return {s: fit.solve(self.down_proj(s).weight[:, :self._width(s)], self.request.ridge) for s, fit in fits.items()}
 
-    def branch(s: int, b: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- 3. re-score with the refitted weights ----------------------------------------------------------
+    def rescore(self, weights: Mapping[int, torch.Tensor]) -> dict[int, float]:
+        """Sensitivity of each candidate with the refitted ``down_proj`` of its target (H x w), summed
+        over these windows."""
+        sens = {s: 0.0 for s in weights}
+        for b, rows in enumerate(self.batches):
+            for s, weight in weights.items():
+                g, o = self._branch(s, b, rows)
+                down = self.down_proj(s)
+                z = mlp_input(self.decoder, self._target(s) // 2, g, self._width(s))
+                sens[s] += _seq_score(o, g + F.linear(z, weight.to(down.weight.device, down.weight.dtype), down.bias))
+        return sens
+
+    # ---- helpers -----------------------------------------------------------------------------------------
+    def _target(self, s: int) -> int:
+        return target_block(self.request.mask, self.decoder.arch.num_layers, s)
+
+    def down_proj(self, s: int) -> torch.nn.Linear:
+        """The ``down_proj`` refitted after candidate ``s`` (that of its target MLP)."""
+        return self.decoder.layers[self._target(s) // 2].mlp.down_proj
+
+    def _width(self, s: int) -> int:
+        return self.request.mask.mlp_kept(self._target(s) // 2, self.decoder.arch.intermediate_size)
+
+    def _dense_streams(self) -> dict[int, torch.Tensor | Parked]:
+        """The dense model's streams on these windows (every block's when they fit; reused by every step)."""
+        arch, ws = self.decoder.arch, self.window_key
+        dense_key = state_key(Mask(), ())
+        if not self.memo.get(ws, dense_key):
+            every = (tuple(range(arch.num_blocks + 1)) if _fits(self.windows, self.decoder, arch.num_blocks + 1,
+                                                                 self.budget) else self.ckpts)
+            with _dense(self.swap):
+                dense = _walk_checkpoints(self.decoder, self.windows, self.batch_size, Mask(), every)
+            self.memo.put(ws, dense_key, dense, self.budget)
+        return self.memo.get(ws, dense_key)  # some may be parked now
+
+    def _branch(self, s: int, b: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream entering target(s) with s skipped, current stream after target(s)) of batch b."""
-        if (s, b) in stored:
-            return stored[(s, b)]
+        if (s, b) in self._branches:
+            return self._branches[(s, b)]
+        decoder, mask, streams, target = self.decoder, self.request.mask, self._streams(), self._target(s)
         c = _nearest(streams, s)
         h = decoder.run(streams[c][rows], mask, c, s)  # stream entering s
-        g = decoder.run(h, mask.remove(Block.from_index(s)), s, targets[s])
+        g = decoder.run(h, mask.remove(Block.from_index(s)), s, target)
         # Skipping s may leave g on an earlier device than target(s) (s first on its GPU, or every
         # block between removed): the target MLP, its residual and targets are on target(s)'s device.
-        g = g.to(device[s])
-        after = targets[s] + 1
+        g = g.to(self.down_proj(s).weight.device)
+        after = target + 1
         o = streams[after][rows] if after in streams else decoder.run(h, mask, s, after)
-        if keep:
-            stored[(s, b)] = (g, o)
+        if getattr(self, "_keep_branches", False):
+            self._branches[(s, b)] = (g, o)
         return g, o
-
-    batches = _batches(windows.shape[0], batch_size)
-    for b, rows in enumerate(batches):
-        dense_after: dict[int, torch.Tensor] = {}
-        for s in tunable:
-            r = targets[s]
-            if r not in dense_after:
-                with _dense(swap):
-                    c = _nearest(dense, r + 1)
-                    dense_after[r] = decoder.run(dense[c][rows], Mask(), c, r + 1)  # dense stream after r
-            g, _ = branch(s, b, rows)
-            down = decoder.layers[r // 2].mlp.down_proj
-            bias = 0.0 if down.bias is None else down.bias
-            fits[s].add(mlp_input(decoder, r // 2, g, widths[s]), dense_after[r] - g - bias)
-    results = {}
-    for s in tunable:
-        down = decoder.layers[targets[s] // 2].mlp.down_proj
-        results[s] = fits[s].solve(down.weight[:, :widths[s]], request.ridge)
-        records[s].update(status=results[s].status, before=results[s].before, after=results[s].after)
-    for b, rows in enumerate(batches):  # ---- 3. re-score with the refitted weights
-        for s in tunable:
-            if not results[s].ok:
-                continue
-            if b == 0:
-                records[s]["sensitivity"] = 0.0
-            g, o = branch(s, b, rows)
-            down = decoder.layers[targets[s] // 2].mlp.down_proj
-            z = mlp_input(decoder, targets[s] // 2, g, widths[s])
-            c = g + F.linear(z, results[s].weight.to(down.weight.dtype), down.bias)
-            records[s]["sensitivity"] += _seq_score(o, c)
-    kept = {s: results[s].weight.cpu().numpy() for s in tunable if results[s].ok}
-    return [records[s] for s in top], kept

@@ -8,6 +8,10 @@ actor is killed and restarted) is resubmitted; a task that raised is split into 
 same windows) so one bad mask cannot sink its neighbours; a mask is given up after ``max_attempts``
 and reported as failed, and the search goes on.
 
+A task may name the actor it prefers (``prefer``: the phases of a sharded SPRINT step go back to
+the replica that holds their shard's streams); a free actor takes the first task that prefers it,
+else the first in the queue, so no actor idles while work is queued.
+
 An actor gets its first task, and its first after a restart, only once it answers
 (``__ray_ready__``), so loading a model is never timed, no task is charged an attempt for another
 task's crash, and an actor that Ray reports dead for good leaves the pool; the dispatcher raises only
@@ -48,6 +52,7 @@ class Task:
     timeout_s: float | None = None  # None: the dispatcher's hang limit (HangLimit)
     rows: tuple[int, int] | None = None
     tokens: int | None = None
+    prefer: int | None = None  # the actor (its index in the pool) that should take it when free: its memo helps
 
     def submit(self, actor: Any) -> Any:
         if self.rows is None:  # the call every evaluator (and every subclass in tests) understands
@@ -171,7 +176,8 @@ class Dispatcher:
         in_flight: dict[Any, tuple[Any, Task, float, float, str]] = {}  # ref -> actor, task, start, limit, why
         while queue or in_flight:
             while queue and idle:
-                actor, task = idle.pop(0), queue.popleft()
+                actor = idle.pop(0)
+                task = self._take(queue, actor)
                 ref = task.submit(actor)
                 in_flight[ref] = (actor, task, time.monotonic(), self.hang.limit(task), self.hang.describe(task))
             if not (in_flight or self._restarting):
@@ -205,6 +211,16 @@ class Dispatcher:
                     ray.kill(actor, no_restart=False)
                     self._await_restart(actor)
                     yield from self._retry(queue, task, "timed out")
+
+    def _take(self, queue: deque[Task], actor: Any) -> Task:
+        """The first queued task that prefers ``actor``, else the first queued task (an idle actor
+        never waits for work that prefers another)."""
+        index = next((i for i, a in enumerate(self.actors) if a is actor), None)
+        for position, task in enumerate(queue):
+            if task.prefer is not None and index is not None and task.prefer % len(self.actors) == index:
+                del queue[position]  # by position: tasks compare by value, and Call arguments may be arrays
+                return task
+        return queue.popleft()
 
     def _await_restart(self, actor: Any) -> None:
         """Keep ``actor`` out of work until it answers (its model loaded, or loaded again)."""

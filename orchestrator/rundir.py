@@ -379,6 +379,10 @@ class StepStore:
             payload = save({"weight": array})
             write_via(path, lambda handle: handle.write(payload))
 
+    def discard_weight(self, sha: str) -> None:
+        """Remove refitted weights no path names (a step's candidates that were not chosen)."""
+        self.weight_path(sha).unlink(missing_ok=True)
+
     def load_weight(self, sha: str) -> np.ndarray:
         from safetensors.numpy import load_file
 

@@ -1,9 +1,11 @@
 """SPRINT on the campaign's spine: the latency table, one remote step at a time, the step store.
 
-SPRINT is sequential and each step is cheap, so a step is one remote call (``sprint_step``) through
-the dispatcher (:meth:`~orchestrator.dispatch.Dispatcher.call`: the same evaluator while it lives,
-so its checkpoint memo saves the prefix of the walk; any other gives the same numbers, and a dead
-or hung one is retried like any task). What the run directory keeps (:class:`~orchestrator.rundir.StepStore`):
+SPRINT is sequential: a step runs on the whole pool (:class:`~orchestrator.sprint_pool.PoolStep`),
+its windows cut into one shard per replica and its sums (NLL, sensitivities, the refits' normal
+equations) added up on the driver; with one replica it is one remote call (``sprint_step``), on the
+same evaluator while it lives, so its checkpoint memo saves the prefix of the walk. Any other replica
+gives the same numbers, and a dead or hung one is retried like any task. What the run directory
+keeps (:class:`~orchestrator.rundir.StepStore`):
 
 - ``sprint/latency.json``: the latency table the ranking used (measured on an evaluator, cached
   per device and model under ``cache_dir()/latency/``) and the scenario;
@@ -29,6 +31,7 @@ from search_spaces.sprint import StepRequest, Tuned, tuned_fingerprint
 
 from .search import Proposal, make_searcher
 from .search.sprint import SprintSearcher
+from .sprint_pool import PoolStep
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +65,9 @@ class SprintRun:
         self.scenario: Scenario | None = None
         s = config.search.sprint
         self.timeout_s = config.cluster.eval_timeout_s * (2 + s.top_k)
+        self.pool = PoolStep(scorer.dispatcher, self.store, num_layers=self.arch.num_layers,
+                             n_windows={name: shape[0] for name, shape in scorer.window_shapes.items()},
+                             batch_size=scorer.batch_size or config.search.batch_size, timeout_s=self.timeout_s)
 
     def _call(self, method: str, *args: Any) -> Any:
         return self.scorer.dispatcher.call(method, *args, timeout_s=self.timeout_s)
@@ -99,8 +105,7 @@ class SprintRun:
         key = request.key(scorer.model_fingerprint, windows_fp)
         result = self.store.get(key)
         if result is None:
-            arrays = [self.store.load_weight(sha) for _, sha in request.tuned]
-            raw = self._call("sprint_step", request.to_dict(), *arrays)
+            raw = self.pool.run(request)
             choice = raw.get("choice") or {}
             if choice.get("weight") is not None:
                 self.store.save_weight(choice["weight"], choice["sha"])

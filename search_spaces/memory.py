@@ -17,7 +17,7 @@ the code allocates (SPEC §8 gives the figures for Llama-2-70B):
 * **SPRINT** (``actors/sprint.py``): the memo of checkpointed states (up to ``max_states`` states, each
   the streams of *all* calibration windows entering every checkpoint block); the streams a step keeps
   for its refits, the refits' branches and the dense memo's every-block streams, each kept only when it
-  fits ``store_bytes`` (``actors.sprint.STORE_BYTES``); and the refits: ``top_k`` fp32 accumulators of
+  fits ``store_bytes`` (``actors.sprint.STORE_BYTES``); and the refits: ``top_k`` float64 accumulators of
   ``w x w + w x H`` and one float64 Cholesky solve at a time (about four ``w x w`` float64 matrices).
   Checkpoints that spill to host memory do not count: ``checkpoint_budget`` caps the memo at what
   stays on the device (None: all of it does).
@@ -55,7 +55,7 @@ class SprintMemory:
 
     checkpoints: int  # the memo of checkpointed states kept on the device
     step_streams: int  # streams a step keeps for the refits, refit branches, dense every-block memo
-    refits: int  # top_k fp32 accumulators + one float64 solve
+    refits: int  # top_k float64 accumulators + one float64 solve
 
 
 @dataclass(frozen=True)
@@ -146,6 +146,6 @@ def working_memory(arch: Arch, *, batch_size: int, tokens: int, element_bytes: i
                   2 * top_k * all_windows,  # the refits' (branch, current) streams
                   (arch.num_blocks + 1) * all_windows]  # the dense memo's every-block streams
         step = sum(s for s in stores if s <= store_bytes)
-        refits = top_k * (I * I + I * H) * 4 + 4 * I * I * 8
+        refits = top_k * (I * I + I * H) * 8 + 4 * I * I * 8
         extra = SprintMemory(memo, step, refits)
     return WorkingMemory(kept, temporaries, loss, extra, L)

@@ -86,6 +86,42 @@ def tensor_key(shape: tuple[int, ...], dtype: str, data: bytes) -> str:
     return digest.hexdigest()
 
 
+def refit_targets(mask: Mask, num_layers: int, top: list[int] | tuple[int, ...]) -> dict[int, int]:
+    """``{candidate: target MLP block}`` for the candidates of ``top`` whose removal is followed by a
+    refit: those with a present MLP block after them (a candidate that is itself the last MLP, or with
+    none left after it, has nothing to refit: status ``no-mlp``)."""
+    out = {}
+    for s in top:
+        t = target_block(mask, num_layers, s)
+        if t % 2 == 1 and t != s and not mask.removed(Block.from_index(t)):
+            out[s] = t
+    return out
+
+
+def tuned_records(mask: Mask, num_layers: int, top: list[int], ranked: Mapping[int, float],
+                  fits: Mapping[int, Mapping[str, Any]], rescored: Mapping[int, float]) -> list[dict[str, Any]]:
+    """A step's ``tuned`` records, in ``top`` order: each candidate's target, its untuned
+    sensitivity, the refit's ``status``/``before``/``after`` (``fits``, for the candidates of
+    :func:`refit_targets`) and the sensitivity with the refitted weights (``rescored``, for the refits
+    that are ``ok``; the untuned one otherwise)."""
+    records = []
+    for s in top:
+        fit = fits.get(s, {})
+        status = fit.get("status", "no-mlp")
+        records.append({"block": s, "target": target_block(mask, num_layers, s),
+                        "sensitivity": rescored[s] if status == "ok" else ranked[s], "untuned": ranked[s],
+                        "status": status, "before": fit.get("before"), "after": fit.get("after")})
+    return records
+
+
+def best_tuned(tuned: list[dict[str, Any]], costs: BlockCosts) -> dict[str, Any]:
+    """The record of ``tuned`` (:func:`tuned_records`) with the lowest importance: the step's choice."""
+    from .latency import best_candidate
+
+    best = best_candidate({t["block"]: t["sensitivity"] for t in tuned}, costs)
+    return next(t for t in tuned if t["block"] == best)
+
+
 def top_candidates(sensitivity: Mapping[int, float], costs: BlockCosts, k: int) -> list[int]:
     """The ``k`` candidates to tune: lowest importance (sensitivity / latency saved) first."""
     return rank_candidates(sensitivity, costs)[:k]

@@ -65,7 +65,17 @@ def _same_step(got, expected):
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("every", [1, 2])
-def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, tied, every):
+def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, tied, every, monkeypatch):
+    import actors.sprint
+
+    homes_of_sums: list[str] = []
+
+    class Spy(actors.sprint.DownProjFit):
+        def __init__(self, width, hidden, device="cpu"):
+            homes_of_sums.append(str(device))
+            super().__init__(width, hidden, device)
+
+    monkeypatch.setattr(actors.sprint, "DownProjFit", Spy)
     arch = tiny_arch(family)
     windows = _windows(arch)
     with emulate():
@@ -75,8 +85,11 @@ def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, t
         plain = Checkpoints()
         expected = _two_steps(decoder, ids, plain, every)
         assert plain.parked() == 0 and plain.device_bytes() > 0  # no CUDA to ask: no default budget here
+        assert homes_of_sums and all(h.startswith("cuda") for h in homes_of_sums)  # refit sums on the GPUs
+        homes_of_sums.clear()
         budgeted = Checkpoints(memory_budget=1)
         got = _two_steps(decoder, ids, budgeted, every)
+        assert homes_of_sums and set(homes_of_sums) == {"cpu"}  # beyond the budget: in host memory
         assert budgeted.device_bytes() == 0 and budgeted.parked() > 0
         kept = [t for streams in budgeted._states.values() for t in streams.values()]
         assert all(isinstance(t, Parked) and device_of(t.host) == "cpu" for t in kept)

@@ -23,18 +23,28 @@ class FixedLatency(Evaluator):
 
 
 class KilledInStep(FixedLatency):
-    """The first ``sprint_step`` of the run with ``after`` steps on its path SIGKILLs its process."""
+    """The first SPRINT call of the step with ``after`` removals on its path (a whole ``sprint_step``,
+    or a ``sprint_shard`` of ``phase`` when the step is spread over the pool) SIGKILLs its process."""
 
     marker_dir: str = ""
     after: int = 1
+    phase: str = "moments"
 
-    def sprint_step(self, request: Mapping[str, Any], *weights: Any) -> dict[str, Any]:
+    def _maybe_die(self, request: Mapping[str, Any]) -> None:
         removed = len(request["mask"]["attn_removed"]) + len(request["mask"]["mlp_removed"])
         if removed == self.after and request["candidates"]:
             try:
                 fd = os.open(os.path.join(self.marker_dir, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                return super().sprint_step(request, *weights)
+                return
             os.close(fd)
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().sprint_step(request, *weights)
+
+    def sprint_step(self, request: Mapping[str, Any], sources: Mapping[str, Any]) -> dict[str, Any]:
+        self._maybe_die(request)
+        return super().sprint_step(request, sources)
+
+    def sprint_shard(self, phase: str, request: Mapping[str, Any], *args: Any) -> dict[str, Any]:
+        if phase == self.phase:
+            self._maybe_die(request)
+        return super().sprint_shard(phase, request, *args)

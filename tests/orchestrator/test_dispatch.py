@@ -200,3 +200,14 @@ def test_loading_a_model_is_never_timed(ray_session, tmp_path):
     outcomes = _run(dispatcher, [Task("calibration", [f"m{i}"]) for i in range(4)])
     assert all(o.rows and o.task.errors == [] for o in outcomes.values())
     assert dispatcher.resubmissions == 0
+
+
+def test_a_task_goes_to_the_actor_it_prefers_when_that_one_is_free(actors, ray_session):
+    pids = ray_session.get([a.pid.remote() for a in actors])
+    dispatcher = Dispatcher(actors, timeout_s=30)
+    for round_ in range(2):  # whatever order the actors became free in, each shard returns to its actor
+        tasks = [Call("", [], method="pid", prefer=i) for i in (1, 0)]
+        assert {t.prefer: o.rows for o in dispatcher.run(tasks) for t in [o.task]} == {0: pids[0], 1: pids[1]}
+    # A free actor never waits for work that prefers a busy one: both tasks preferring actor 0 run.
+    outcomes = list(dispatcher.run([Call("", [], method="pid", prefer=0) for _ in range(2)]))
+    assert sorted(o.rows for o in outcomes) == sorted(pids)

@@ -43,7 +43,7 @@ def test_sprint_adds_checkpoints_stores_and_refits_and_a_budget_caps_the_checkpo
     all_windows = 128 * 2048 * 8192 * 2
     assert w.sprint.checkpoints == 3 * 4 * all_windows  # 3 states x checkpoints at layers 0, 20, 40, 60
     assert w.sprint.step_streams == 0  # 4 GiB per stream of all windows: nothing fits the 2 GiB store
-    assert w.sprint.refits == 5 * (28672**2 + 28672 * 8192) * 4 + 4 * 28672**2 * 8
+    assert w.sprint.refits == 5 * (28672**2 + 28672 * 8192) * 8 + 4 * 28672**2 * 8
     assert w.anywhere == w.temporaries + w.loss + w.sprint.refits
     capped = working_memory(LLAMA70, batch_size=4, tokens=2048, element_bytes=2, sprint=True, windows=128,
                             checkpoint_budget=8 * GIB)
