@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(PY) bench/engine_step.py
 	$(PY) bench/throughput.py
 	$(PY) bench/busy_fraction.py
+	$(PY) bench/sprint_pool.py
 	$(PY) bench/campaigns.py
 	$(PY) bench/sprint_vs_blockpruner.py
 	$(PY) bench/plan_table.py

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 #: Relative residual of the solved normal equations above which the solution is not trusted.
@@ -59,7 +60,7 @@ class DownProjFit:
         """The fit whose sums are ``moments`` (``zz``, ``zr``, ``rr``, ``tokens``): those of several
         fits over disjoint tokens added up (a step spread over window shards), kept as given (float64
         when the shards were added in float64)."""
-        zz, zr = torch.as_tensor(moments["zz"]), torch.as_tensor(moments["zr"])
+        zz, zr = (torch.from_numpy(np.array(moments[k], dtype=np.float64)) for k in ("zz", "zr"))  # own, writable
         fit = cls.__new__(cls)
         fit.zz, fit.zr = zz.to(device), zr.to(device)
         fit.rr, fit.tokens = float(moments["rr"]), int(moments["tokens"])

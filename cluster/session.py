@@ -19,8 +19,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rayprune")
 
-#: The object store only carries masks and token windows: 200 MiB is plenty.
-LOCAL_OBJECT_STORE_BYTES = 200 * 1024 * 1024
+#: The object store carries masks, token windows and, for a SPRINT step spread over the pool, each
+#: shard's refit sums on their way to the driver and back to a solver: top_k x (w^2 + w H) float64 per
+#: shard, 165 MB for SmolLM2 on 2 replicas, which a 200 MiB store spilled to disk (3 s a step of 10
+#: here, bench/sprint_pool.py). 1 GiB of shared memory is reserved only as it fills.
+LOCAL_OBJECT_STORE_BYTES = 1024 * 1024 * 1024
 
 
 def connect(num_cpus: int | None = None, *, namespace: str = "rayprune") -> bool:
