@@ -116,7 +116,7 @@ class Campaign:
                 if pool.permutation is not None:
                     self.rundir.write_permutation(pool.permutation)
                 dispatcher = Dispatcher(pool.actors, timeout_s=cluster.eval_timeout_s,
-                                        max_attempts=cluster.max_attempts)
+                                        max_attempts=cluster.max_attempts, joiner=pool.joiner)
                 self.scorer = Scorer(cache, dispatcher, arch, pool.model_fingerprint, fingerprints,
                                      progress=self.progress, batch_size=config.search.batch_size,
                                      window_shapes={name: w.shape for name, w in windows.items()})

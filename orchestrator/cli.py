@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,10 +61,18 @@ def _eval(args: argparse.Namespace) -> int:
         check_tasks(args.tasks)  # before minutes of model loading
     from .storage import local_run
 
-    with local_run(args.model_or_run) as spec:  # a run directory behind a URI is pulled first
-        target = load_target(args.model_or_run if spec == Path(args.model_or_run) else str(spec), dtype=args.dtype)
-    result = evaluate_model(target, corpus=args.corpus, sequences=args.sequences, length=args.length, seed=args.seed,
-                            tasks=args.tasks or (), batch_size=args.batch_size, limit=args.limit)
+    settings = dict(corpus=args.corpus, sequences=args.sequences, length=args.length, seed=args.seed,
+                    tasks=tuple(args.tasks or ()), batch_size=args.batch_size, limit=args.limit)
+    where = args.on or ("cluster" if os.environ.get("RAY_ADDRESS") else "driver")
+    if where == "cluster":  # the weights load on a worker with GPUs, never on the driver
+        from .eval_remote import evaluate_on_cluster
+
+        result = evaluate_on_cluster(args.model_or_run, dtype=args.dtype, num_gpus=args.gpus, num_cpus=args.cpus,
+                                     **settings)
+    else:
+        with local_run(args.model_or_run) as spec:  # a run directory behind a URI is pulled first
+            target = load_target(args.model_or_run if spec == Path(args.model_or_run) else str(spec), dtype=args.dtype)
+        result = evaluate_model(target, **settings)
     print(json.dumps(result) if args.json else format_result(result))
     return 0
 
@@ -201,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="zero-shot lm_eval tasks: local task YAML files or registered names (needs rayprune[eval])")
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ev.add_argument("--on", choices=["driver", "cluster"],
+                    help="where the model loads: cluster (a Ray task on a worker with --gpus GPUs; the default with "
+                         "RAY_ADDRESS set) or driver (this process; the default otherwise)")
+    ev.add_argument("--gpus", type=float, help="GPUs of the evaluation task on the cluster (default: 1 if the cluster "
+                                               "has GPUs, else 0; more spreads the model over them)")
+    ev.add_argument("--cpus", type=float, default=1.0, help="CPUs (torch threads) of the evaluation task on the cluster")
     ev.set_defaults(func=_eval)
 
     export = sub.add_parser("export", help="write a compact model from a run, or from a model and a pruning_config.json",

@@ -12,6 +12,9 @@ A task may name the actor it prefers (``prefer``: the phases of a sharded SPRINT
 the replica that holds their shard's streams); a free actor takes the first task that prefers it,
 else the first in the queue, so no actor idles while work is queued.
 
+Replicas may join while it runs (``joiner``: an autoscaler booting their nodes); each takes work the
+moment it has loaded, and later steps cut their tiles for the larger pool.
+
 An actor gets its first task, and its first after a restart, only once it answers
 (``__ray_ready__``), so loading a model is never timed, no task is charged an attempt for another
 task's crash, and an actor that Ray reports dead for good leaves the pool; the dispatcher raises only
@@ -140,10 +143,11 @@ class HangLimit:
 
 class Dispatcher:
     def __init__(self, actors: Sequence[Any], *, timeout_s: float = 600.0, max_attempts: int = 3,
-                 poll_s: float = 1.0, hang: HangLimit | None = None) -> None:
+                 poll_s: float = 1.0, hang: HangLimit | None = None, joiner: Any = None) -> None:
         if not actors:
             raise ValueError("the dispatcher needs at least one actor")
         self.actors = list(actors)
+        self.joiner = joiner  # replicas that join while we run: poll() -> loaded actors; pending
         self.timeout_s = timeout_s
         self.hang = hang or HangLimit(timeout_s)
         self.max_attempts = max_attempts
@@ -175,12 +179,16 @@ class Dispatcher:
         idle = [actor for actor in self.actors if id(actor) not in restarting]
         in_flight: dict[Any, tuple[Any, Task, float, float, str]] = {}  # ref -> actor, task, start, limit, why
         while queue or in_flight:
+            idle.extend(self._joined())
             while queue and idle:
                 actor = idle.pop(0)
                 task = self._take(queue, actor)
                 ref = task.submit(actor)
                 in_flight[ref] = (actor, task, time.monotonic(), self.hang.limit(task), self.hang.describe(task))
             if not (in_flight or self._restarting):
+                if self.joiner is not None and self.joiner.pending:  # the pool is empty until one joins
+                    time.sleep(self.poll_s)
+                    continue
                 raise RuntimeError(f"every evaluator died for good; {len(queue)} task(s) left undone. The Ray "
                                    f"logs of the evaluator processes say why (e.g. its model no longer loads)")
             ready, _ = ray.wait([*in_flight, *self._restarting], num_returns=1, timeout=self.poll_s)
@@ -211,6 +219,16 @@ class Dispatcher:
                     ray.kill(actor, no_restart=False)
                     self._await_restart(actor)
                     yield from self._retry(queue, task, "timed out")
+
+    def _joined(self) -> list[Any]:
+        """Replicas that joined the pool since the last look (loaded: they work at once)."""
+        if self.joiner is None:
+            return []
+        joined = self.joiner.poll()
+        for actor in joined:
+            self.actors.append(actor)
+            self._answered.add(id(actor))
+        return joined
 
     def _take(self, queue: deque[Task], actor: Any) -> Task:
         """The first queued task that prefers ``actor``, else the first queued task (an idle actor

@@ -192,6 +192,8 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
                         permutation=rundir.read_permutation()) as pool:
         if pool.permutation is not None:  # the one order of every trial, and of `run best.yaml` here
             rundir.write_permutation(pool.permutation)
+        if pool.joiner is not None:  # trials share one pool: wait until every replica has come
+            pool = dataclasses.replace(pool, actors=pool.actors + pool.joiner.wait_all())
         log.info("tune: %d evaluator(s), %d trials, one at a time", len(pool.actors), trials)
         shapes = {name: tuple(w.shape) for name, w in windows.items()}
         dense = trial_scorer(config, arch, pool.actors, fingerprints, pool.model_fingerprint, shapes)

@@ -18,7 +18,9 @@ the code allocates (SPEC §8 gives the figures for Llama-2-70B):
   the streams of *all* calibration windows entering every checkpoint block); the streams a step keeps
   for its refits, the refits' branches and the dense memo's every-block streams, each kept only when it
   fits ``store_bytes`` (``actors.sprint.STORE_BYTES``); and the refits: ``top_k`` float64 accumulators of
-  ``w x w + w x H`` and one float64 Cholesky solve at a time (about four ``w x w`` float64 matrices).
+  ``w x w + w x H`` and one float64 Cholesky solve at a time (about four ``w x w`` float64 matrices),
+  none of it on the device when the accumulators exceed ``checkpoint_budget`` (the actor then keeps
+  the sums and solves in host memory; the products are still computed on the GPU).
   Checkpoints that spill to host memory do not count: ``checkpoint_budget`` caps the memo at what
   stays on the device (None: all of it does).
 
@@ -147,5 +149,7 @@ def working_memory(arch: Arch, *, batch_size: int, tokens: int, element_bytes: i
                   (arch.num_blocks + 1) * all_windows]  # the dense memo's every-block streams
         step = sum(s for s in stores if s <= store_bytes)
         refits = top_k * (I * I + I * H) * 8 + 4 * I * I * 8
+        if checkpoint_budget is not None and top_k * (I * I + I * H) * 8 > checkpoint_budget:
+            refits = 0  # the actor keeps such sums (and solves them) in host memory (actors/sprint.py)
         extra = SprintMemory(memo, step, refits)
     return WorkingMemory(kept, temporaries, loss, extra, L)

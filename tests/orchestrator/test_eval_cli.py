@@ -153,3 +153,25 @@ def test_a_missing_task_file_fails_before_any_model_loads(capsys):
     pytest.importorskip("lm_eval")
     assert cli.main(["eval", "./no/such/model", "--tasks", "nope.yaml"]) == 2
     assert "task file nope.yaml does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_on_the_cluster_the_model_loads_on_a_worker_not_the_driver(ray_session, run_dir, tmp_path, capsys):
+    """``--on cluster`` (the default with RAY_ADDRESS): a Ray task loads and evaluates; same figures."""
+    import os
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir["run"], run, ignore=shutil.ignore_patterns("model"))  # rebuilt in memory there
+    here = eval_json(capsys, run, "--on", "driver")
+    there = eval_json(capsys, run, "--on", "cluster", "--gpus", 0)
+    assert int(there["worker"].rsplit(":", 1)[1]) != os.getpid() and there["device"] == "cpu"
+    assert there["kind"] == here["kind"] == "run (masked in memory)"
+    assert there["heldout"]["ppl"] == pytest.approx(here["heldout"]["ppl"], rel=1e-6)
+    assert there["heldout"]["tokens"] == here["heldout"]["tokens"]
+
+
+def test_a_path_the_worker_cannot_see_is_named_with_the_fix(tmp_path):
+    from orchestrator.eval_remote import evaluate_here
+
+    with pytest.raises(FileNotFoundError, match=r"not on the worker .*shared storage.*--on driver"):
+        evaluate_here(str(tmp_path / "gone"), None, {}, path=True)
