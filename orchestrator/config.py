@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 #: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
-METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna")
-IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "optuna", "sprint")
+METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna", "evolution")
+IMPLEMENTED_METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "optuna", "sprint", "evolution")
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,16 @@ class SprintConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvolutionConfig:
+    """Evolutionary search on blocks (``search.method: evolution``), warm-started from BlockPruner's mask."""
+
+    offspring: int = 16  # mutations of the parent scored per generation (EvoPress: 32)
+    generations: int | None = None  # None: EvoPress's k (n - k) / 1.5 per kind (k of n blocks removed)
+    max_swaps: int = 3  # swaps per mutation: min(U[1, s], U[1, s])
+    max_evaluations: int | None = None  # stop once this many offspring were scored (None: no cap)
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     """What to search for and how. The search stops at ``target_ratio`` or after ``max_steps``."""
 
@@ -90,6 +100,8 @@ class SearchConfig:
     # SPRINT: stops at target_ratio or target_speedup (estimated from the measured latency table), whichever first
     target_speedup: float | None = None  # dense latency / pruned latency, > 1 (sprint only)
     sprint: SprintConfig = field(default_factory=SprintConfig)
+    # evolution: offspring drawn with search.seed
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +116,9 @@ class ClusterConfig:
     gpu_memory_gb: float | str = "auto"  # one GPU's memory in GB (1e9 bytes) for sizing replicas; auto: ask the cluster
     eval_timeout_s: float = 600.0  # one batch of masks on one actor
     max_attempts: int = 3  # per mask, before it is recorded as failed
-    placement_timeout_s: float = 60.0  # wait this long for the cluster to fit every replica
+    # replicas join as the cluster (its autoscaler) makes room, until this long; one must be placed by then.
+    # About a GPU node's boot; a private local session waits at most 60 s (it never gains resources).
+    placement_timeout_s: float = 900.0
 
 
 @dataclass(frozen=True, kw_only=True)

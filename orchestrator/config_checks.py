@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, SearchConfig, SprintConfig,
-                     WindowsConfig)
+from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, EvolutionConfig, SearchConfig,
+                     SprintConfig, WindowsConfig)
 
 
 # ---- leaf checks: return the clean value or raise BadValue(reason; fix) --------------------------
@@ -259,6 +259,12 @@ SCHEMA: Section = (Config, {
             "latency_generate": _int(0, 0),
             "latency_repeats": _int(1, 5),
         }),
+        "evolution": (EvolutionConfig, {
+            "offspring": _int(1, 16),
+            "generations": _int(1, 100, optional=True),
+            "max_swaps": _int(1, 3),
+            "max_evaluations": _int(1, 1000, optional=True),
+        }),
     }),
     "cluster": (ClusterConfig, {
         "actors": _actors,
@@ -267,7 +273,7 @@ SCHEMA: Section = (Config, {
         "gpu_memory_gb": _gpu_memory,
         "eval_timeout_s": _float(0.0, "600", strict=True),
         "max_attempts": _int(1, 3),
-        "placement_timeout_s": _float(0.0, "60", strict=True),
+        "placement_timeout_s": _float(0.0, "900", strict=True),
     }),
     "output": _optional_string,
     "export": _bool,

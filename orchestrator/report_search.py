@@ -1,4 +1,4 @@
-"""The report's section on a whole-mask search (Optuna), from ``search.json``; writes ``pareto.png``.
+"""The report's section on a whole-mask search (Optuna, evolution), from ``search.json``; writes ``pareto.png``.
 
 ``search.json`` is written by the campaign from the searcher's ``summary()``: the ratio band,
 trial counts by origin, BlockPruner's mask (the first trial), the best trial and every trial's
@@ -28,6 +28,8 @@ def search_section(run_dir: Path, path: dict[str, Any]) -> list[str]:
     if not file.is_file():
         return []
     search = json.loads(file.read_text())
+    if search.get("method") == "evolution":
+        return evolution_section(search, path)
     if search.get("method") != "optuna":
         return []
     low, high = search["band"]
@@ -61,3 +63,25 @@ def search_section(run_dir: Path, path: dict[str, Any]) -> list[str]:
         write_pareto(search, Path(run_dir) / "pareto.png")
         lines += ["![calibration perplexity vs ratio of every trial, the front highlighted](pareto.png)", ""]
     return lines
+
+
+def evolution_section(search: dict[str, Any], path: dict[str, Any]) -> list[str]:
+    """Markdown lines of an evolutionary search: greedy start vs the best mask, how it got there."""
+    held = path.get("heldout") or {}
+    improvements = [h for h in search["history"] if h["improved"]]
+    lines = ["## Evolutionary search", "",
+             f"Warm-started from BlockPruner's mask, {search['generations']} generations of {search['offspring']} "
+             f"offspring (at most {search['max_swaps']} swaps of a removed and a kept block of one kind each, seed "
+             f"{search['seed']}): {search['evaluations']:,} offspring scored, every one at the greedy mask's "
+             f"parameter count.", "",
+             "| mask | ppl (calibration) | ppl (held-out) |", "|---|---:|---:|",
+             f"| BlockPruner (warm start) | {_cell(search['greedy_ppl'])} | "
+             f"{_cell(held.get('greedy_ppl', held.get('pruned_ppl') if not improvements else None))} |",
+             f"| evolution best | {_cell(search['best_ppl'])} | {_cell(held.get('pruned_ppl'))} |", ""]
+    if improvements:
+        lines.append(f"The parent improved in {len(improvements)} generation(s), the last in generation "
+                     f"{improvements[-1]['generation']}: calibration perplexity {search['greedy_ppl']:.3f} -> "
+                     f"{search['best_ppl']:.3f} ({1 - search['best_ppl'] / search['greedy_ppl']:.1%} lower).")
+    else:
+        lines.append("No offspring beat the greedy mask: the pruned model is BlockPruner's.")
+    return [*lines, ""]

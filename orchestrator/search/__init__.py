@@ -27,6 +27,10 @@ def searcher_class(method: str) -> type[Searcher]:
         from .sprint import SprintSearcher
 
         return SprintSearcher
+    if method == "evolution":
+        from .evolution import EvolutionSearcher
+
+        return EvolutionSearcher
     classes: dict[str, type[Searcher]] = {"blockpruner": BlockPrunerSearcher, "multipruner": MultiPrunerSearcher}
     if method not in classes:
         raise ValueError(f"search.method {method!r} has no searcher")
@@ -71,6 +75,13 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
         return SprintSearcher(arch, costs, target_ratio=search.target_ratio, target_speedup=search.target_speedup,
                               max_steps=search.max_steps, top_k=s.top_k, ridge=s.ridge,
                               checkpoint_every=s.checkpoint_every)
+    if search.method == "evolution":
+        from .evolution import EvolutionSearcher
+
+        e = search.evolution
+        return EvolutionSearcher(arch, search.target_ratio, offspring=e.offspring, generations=e.generations,
+                                 max_swaps=e.max_swaps, seed=search.seed, max_evaluations=e.max_evaluations,
+                                 known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 
-from orchestrator.config import IMPLEMENTED_METHODS, SearchConfig
+from orchestrator.config import IMPLEMENTED_METHODS, EvolutionConfig, SearchConfig
 from orchestrator.search import make_searcher
 from search_spaces import Block, Mask, param_count, ratio
 from search_spaces.latency import BlockCosts, best_candidate
@@ -34,9 +34,10 @@ SETTINGS = {
     "optuna-nsga2": {"trials": 10, "batch": 3, "sampler": "nsga2", "warm_start": "none", "widths": True,
                      "mlp_group": 16},
     "sprint": {},
+    "evolution": {"seed": 3, "evolution": EvolutionConfig(offspring=4, generations=6)},
 }
 COSTS = BlockCosts(fixed=0.2, attn=0.1, mlp=0.25)  # SPRINT's latency table (seconds per block)
-METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint")
+METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint", "evolution")
 
 
 def test_every_implemented_method_is_in_the_contract():

@@ -1,0 +1,153 @@
+"""Evolutionary search on block masks, after EvoPress (Sieberling et al., ICML 2025).
+
+The search runs in two phases inside one campaign:
+
+1. Warm start: a BlockPruner search to the target (its evaluations land in the cache like any
+   greedy campaign's). Its final mask is the first parent: the search never ends worse than greedy.
+2. Generations: each ``suggest()`` proposes the parent's ``offspring`` mutations
+   (:func:`search_spaces.evolution.mutate`: swaps of a removed and a kept block of one kind, so
+   every offspring has the parent's exact parameter count), all at once so the pool stays full,
+   branching from the parent for prefix reuse. The best of parent and offspring (lowest
+   calibration perplexity; NaN ranks last) is the next parent.
+
+It stops after ``generations`` (default EvoPress's ``k (n - k) / 1.5``, see
+:func:`~search_spaces.evolution.default_generations`) or once ``max_evaluations`` offspring were
+scored. The offspring are drawn from a seeded generator whatever the scores, and a mask already
+scored (the cache, an earlier generation) is answered from memory and not proposed again, so a
+campaign stopped mid-generation replays to the same result from its cache.
+
+The path is BlockPruner's, followed by one step of kind ``trial`` (``layer`` = generation) per
+improvement of the parent; ``references()`` has the greedy mask scored on the held-out windows too.
+Not yet here (issue "Search beyond greedy"): multi-fidelity selection, KL fitness, widths.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Mapping
+
+from search_spaces import Arch, Mask, param_count, rank_value, ratio
+from search_spaces.evolution import EVOPRESS_MAX_SWAPS, default_generations, mutate, swappable
+
+from .base import Proposal, Searcher, Step
+from .blockpruner import BlockPrunerSearcher
+
+log = logging.getLogger("rayprune")
+
+
+class EvolutionSearcher(Searcher):
+    """Contract of :class:`~.base.Searcher`, plus: every offspring has the greedy mask's parameter
+    count, no mask is proposed twice, and at most ``max_evaluations`` offspring are scored."""
+
+    def __init__(self, arch: Arch, target_ratio: float, *, offspring: int = 16, generations: int | None = None,
+                 max_swaps: int = EVOPRESS_MAX_SWAPS, seed: int = 0, max_evaluations: int | None = None,
+                 known: Mapping[Mask, float] | None = None) -> None:
+        if offspring < 1 or max_swaps < 1 or (generations is not None and generations < 1) or (
+                max_evaluations is not None and max_evaluations < 1):
+            raise ValueError(f"offspring, max_swaps, generations and max_evaluations must be >= 1; got {offspring}, "
+                             f"{max_swaps}, {generations}, {max_evaluations}")
+        self.arch, self.target_ratio = arch, target_ratio
+        self.offspring, self.max_swaps, self.seed = offspring, max_swaps, seed
+        self.generations, self.max_evaluations = generations, max_evaluations
+        self.path: list[Step] = []
+        self._known: dict[Mask, float] = dict(known or {})
+        self._greedy: BlockPrunerSearcher | None = BlockPrunerSearcher(arch, target_ratio)
+        self._rng = random.Random(seed)
+        self.parent: Mask | None = None
+        self.parent_ppl = float("nan")
+        self.greedy_mask: Mask | None = None
+        self.greedy_ppl = float("nan")
+        self.generation = 0  # generations selected so far
+        self.evaluations = 0  # offspring scored (from the cache or the pool)
+        self.history: list[dict[str, Any]] = []  # per generation: best offspring, parent after it
+        self._pending: list[Mask] | None = None
+
+    # ---- protocol -----------------------------------------------------------------------------------
+    def suggest(self) -> Proposal | None:
+        if self._greedy is not None:
+            proposal = self._greedy.suggest()
+            if proposal is not None:
+                return proposal
+            self._start()
+        while not self._done():
+            children = self._children()
+            missing = [c for c in children if c not in self._known]
+            self._pending = children
+            if missing:
+                return Proposal(tuple(missing), base=self.parent, label=f"generation {self.generation + 1}")
+            self._select(children)  # every child already scored: nothing to run
+        return None
+
+    def observe(self, scores: Mapping[Mask, float]) -> None:
+        self._known.update(scores)
+        if self._greedy is not None:
+            self._greedy.observe(scores)
+            self.path, self.dense_ppl = list(self._greedy.path), self._greedy.dense_ppl
+            return
+        if self._pending is None:
+            raise RuntimeError("observe() called without a pending suggest()")
+        self._select(self._pending)
+
+    # ---- the evolution ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        greedy, self._greedy = self._greedy, None
+        self.path, self.dense_ppl = list(greedy.path), greedy.dense_ppl
+        self.parent = self.greedy_mask = greedy.current
+        self.parent_ppl = self.greedy_ppl = greedy.path[-1].ppl if greedy.path else self._known.get(Mask(), float("nan"))
+        if self.generations is None:
+            self.generations = default_generations(self.parent, self.arch.num_layers)
+        if not swappable(self.parent, self.arch.num_layers):
+            log.warning("evolution: the greedy mask %s has nothing to swap; it is the result", self.parent.to_json())
+            self.generations = 0
+        log.info("evolution from the greedy mask (ppl %.3f, ratio %.4f): %d generations of %d offspring",
+                 self.parent_ppl, ratio(self.parent, self.arch), self.generations, self.offspring)
+
+    def _done(self) -> bool:
+        if self.generation >= (self.generations or 0):
+            return True
+        return self.max_evaluations is not None and self.evaluations >= self.max_evaluations
+
+    def _children(self) -> list[Mask]:
+        """This generation's distinct offspring (drawn from the seeded generator, whatever was scored)."""
+        budget = self.offspring if self.max_evaluations is None else min(self.offspring,
+                                                                          self.max_evaluations - self.evaluations)
+        children: list[Mask] = []
+        for _ in range(50 * budget):  # a small space may hold fewer distinct neighbours
+            child = mutate(self.parent, self.arch.num_layers, self._rng, self.max_swaps)
+            if child not in children:
+                children.append(child)
+            if len(children) == budget:
+                break
+        return children
+
+    def _select(self, children: list[Mask]) -> None:
+        self._pending = None
+        self.generation += 1
+        self.evaluations += len(children)
+        best = min(children, key=lambda m: rank_value(self._known[m]))
+        best_ppl = self._known[best]
+        improved = rank_value(best_ppl) < rank_value(self.parent_ppl)
+        if improved:
+            self.parent, self.parent_ppl = best, best_ppl
+            self.path.append(Step(step=len(self.path) + 1, kind="trial", layer=self.generation, ppl=best_ppl,
+                                  ratio=ratio(best, self.arch), mask=best, params=param_count(best, self.arch)))
+            log.info("generation %d: ppl %.3f (greedy %.3f)", self.generation, best_ppl, self.greedy_ppl)
+        self.history.append({"generation": self.generation, "best_offspring_ppl": best_ppl,
+                             "parent_ppl": self.parent_ppl, "improved": improved})
+
+    # ---- results ------------------------------------------------------------------------------------
+    @property
+    def current(self) -> Mask:
+        return self.parent if self.parent is not None else super().current
+
+    def references(self) -> dict[str, Mask]:
+        return {"greedy": self.greedy_mask} if self.greedy_mask is not None and self.greedy_mask != self.current else {}
+
+    def summary(self) -> dict[str, Any] | None:
+        if self.greedy_mask is None:
+            return None
+        return {"method": "evolution", "offspring": self.offspring, "max_swaps": self.max_swaps, "seed": self.seed,
+                "generations": self.generation, "evaluations": self.evaluations, "greedy_ppl": self.greedy_ppl,
+                "best_ppl": self.parent_ppl, "greedy_mask": self.greedy_mask.to_dict(),
+                "best_mask": self.parent.to_dict(), "history": self.history}

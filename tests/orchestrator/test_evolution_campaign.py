@@ -1,0 +1,43 @@
+"""An evolution campaign on a tiny model with real Ray actors: outputs, the greedy reference, replay."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.campaign import Campaign
+from search_spaces import Mask, param_count
+from tests.orchestrator.test_optuna_campaign import counting, evaluated, masks_of
+from tests.tiny import tiny_arch, tiny_campaign_config, tiny_run_setup
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_run_setup(tmp_path_factory.mktemp("evolution"))
+
+
+def test_evolution_campaign_writes_its_search_and_replays_from_the_cache(ray_session, setup, tmp_path):
+    config = tiny_campaign_config(setup, "evolution", **{
+        "search.method": "evolution", "search.target_ratio": 0.3, "search.evolution.offspring": 4,
+        "search.evolution.generations": 3, "search.seed": 2})
+    result = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
+    lines = evaluated(tmp_path)
+    assert len(lines) == len(set(lines)) and len(masks_of(lines)) == result.counters.evaluated
+    run_dir, arch = result.run_dir, tiny_arch("llama")
+    search = json.loads((run_dir / "search.json").read_text())
+    assert search["method"] == "evolution" and search["generations"] == 3 and search["evaluations"] <= 12
+    assert search["best_ppl"] <= search["greedy_ppl"]
+    best, greedy = Mask.from_dict(search["best_mask"]), Mask.from_dict(search["greedy_mask"])
+    assert result.searcher.current == best and param_count(best, arch) == param_count(greedy, arch)
+    path = json.loads((run_dir / "path.json").read_text())
+    assert Mask.from_dict(path["steps"][-1]["mask"]) == best
+    assert ("greedy_ppl" in path["heldout"]) == (best != greedy)
+    assert "## Evolutionary search" in (run_dir / "report.md").read_text()
+    assert (run_dir / "model" / "config.json").exists()
+
+    again = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
+    assert again.counters.evaluated == 0 and evaluated(tmp_path) == lines
+    assert again.searcher.current == best and again.searcher.history == result.searcher.history
