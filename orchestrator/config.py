@@ -74,6 +74,8 @@ class EvolutionConfig:
     generations: int | None = None  # None: EvoPress's k (n - k) / 1.5 per kind (k of n blocks removed)
     max_swaps: int = 3  # swaps per mutation: min(U[1, s], U[1, s])
     max_evaluations: int | None = None  # stop once this many offspring were scored (None: no cap)
+    first_windows: int | None = None  # two-step selection: every offspring on this many calibration windows first ...
+    survivors: int = 2  # ... and only this many best of them on all windows (None above: one step, all windows)
 
 
 @dataclass(frozen=True, kw_only=True)

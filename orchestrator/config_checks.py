@@ -264,6 +264,8 @@ SCHEMA: Section = (Config, {
             "generations": _int(1, 100, optional=True),
             "max_swaps": _int(1, 3),
             "max_evaluations": _int(1, 1000, optional=True),
+            "first_windows": _int(1, 4, optional=True),
+            "survivors": _int(1, 2),
         }),
     }),
     "cluster": (ClusterConfig, {

@@ -108,6 +108,7 @@ class Scorer:
         self.window_shapes = {name: (int(shape[0]), int(shape[1])) for name, shape in (window_shapes or {}).items()}
         self.batch_size = batch_size
         self.counters = Counters()
+        self.segments: dict[str, tuple[str, int, int]] = {}  # virtual window set -> (window set, start, stop)
 
     def key(self, mask: Mask, window_set: str, model_fingerprint: str | None = None) -> str:
         return mask_key(mask, model_fingerprint or self.model_fingerprint, self.fingerprints[window_set])
@@ -178,6 +179,53 @@ class Scorer:
                                   f"on a rerun: fix the cause (the evaluators' Ray logs say more) and rerun")
         return scores
 
+    # ---- fidelity levels: scores on a prefix of the windows, cached segment by segment ------------------
+    def segment(self, window_set: str, start: int, stop: int) -> str:
+        """The virtual window set of windows ``[start, stop)`` of ``window_set``: scored like any set,
+        cached under its own windows fingerprint (derived from the set's, content-addressed too)."""
+        import hashlib
+
+        n_windows, length = self.window_shapes[window_set]
+        if not 0 <= start < stop <= n_windows:
+            raise ValueError(f"windows [{start}, {stop}) are not a range of {window_set!r}, which holds {n_windows}")
+        name = f"{window_set}[{start}:{stop}]"
+        if name not in self.segments:
+            self.segments[name] = (window_set, start, stop)
+            self.window_shapes[name] = (stop - start, length)
+            digest = hashlib.sha256(f"{self.fingerprints[window_set]}[{start}:{stop}]".encode()).hexdigest()
+            self.fingerprints[name] = f"{digest[:32]}"
+        return name
+
+    def levels(self, window_set: str, cuts: Sequence[int]) -> list[tuple[int, int]]:
+        """The segments of fidelity levels ``cuts`` (window counts; the last level is every window),
+        each cut rounded up to a whole batch: ``[(0, c1), (c1, c2), ..., (ck, n)]``."""
+        n_windows = self.window_shapes[window_set][0]
+        batch = self.batch_size or 1
+        ends = sorted({min(n_windows, -(-int(c) // batch) * batch) for c in cuts if c} | {n_windows})
+        return list(zip([0, *ends[:-1]], ends))
+
+    def score_upto(self, masks: Sequence[Mask], base: Mask | None, window_set: str, upto: int | None,
+                   cuts: Sequence[int], label: str) -> dict[Mask, float]:
+        """Perplexity of every mask on the first ``upto`` windows of ``window_set`` (None: all), from
+        the segments of ``levels(window_set, cuts)`` that reach it: a segment scored before (this run
+        or an earlier one) is read from the cache and never forwarded again, and a score on few windows
+        never stands for one on more. ``upto`` is rounded up to a whole batch, like the cuts."""
+        n_windows, batch = self.window_shapes[window_set][0], self.batch_size or 1
+        end = n_windows if upto is None else min(n_windows, -(-int(upto) // batch) * batch)
+        segments = self.levels(window_set, [*cuts, end])
+        names = [self.segment(window_set, a, b) for a, b in segments if b <= end]
+        for name in names:
+            self.score(masks, base, name, f"{label} ({name})")
+        out = {}
+        for mask in masks:
+            rows = [self.cache.get(self.key(mask, name), model_fp=self.model_fingerprint,
+                                   calibration_fp=self.fingerprints[name]) for name in names]
+            if any(r is None or r.get("status") != "ok" for r in rows):
+                out[mask] = math.nan
+            else:
+                out[mask] = perplexity(math.fsum(r["nll_sum"] for r in rows), sum(int(r["tokens"]) for r in rows))
+        return out
+
     def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str) -> list[Task]:
         """Tiles: chunks of masks of similar cost (masks ordered by where they leave the base), each
         on every window shard (:func:`window_shards`), the shards of a chunk one after another."""
@@ -192,7 +240,8 @@ class Scorer:
         n_actors = len(self.dispatcher.actors)
         chunks = balanced_chunks(costs, 1 if n_actors == 1 else 2 * n_actors)
         base_json = None if base is None else base.to_json()
-        return [Task(window_set, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens)
+        evaluated = self.segments.get(window_set, (window_set,))[0]  # a segment is evaluated on its set's rows
+        return [Task(evaluated, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens)
                 for chunk in chunks for rows, tokens in self._shards(window_set, len(chunks), n_actors)]
 
     def _shards(self, window_set: str, n_chunks: int, n_actors: int) -> list[tuple[tuple[int, int] | None, int | None]]:
@@ -202,6 +251,9 @@ class Scorer:
         n_windows, length = self.window_shapes[window_set]
         ranges = window_shards(n_windows, self.batch_size or n_windows, n_chunks, n_actors)
         predicted = length - 1  # tokens predicted per window
+        if window_set in self.segments:  # a segment: its shards are rows of the set it is cut from
+            offset = self.segments[window_set][1]
+            return [((offset + start, offset + stop), (stop - start) * predicted) for start, stop in ranges]
         if len(ranges) == 1:
             return [(None, n_windows * predicted)]
         return [((start, stop), (stop - start) * predicted) for start, stop in ranges]

@@ -50,7 +50,12 @@ class PerplexityRun:
                              pool_size=len(self.scorer.dispatcher.actors), known=self.scorer.known(self.window_set))
 
     def answer(self, searcher: Searcher, proposal: Proposal) -> None:
-        searcher.observe(self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label))
+        if proposal.levels:  # fidelity levels: scores from cached segments of the windows
+            scores = self.scorer.score_upto(proposal.masks, proposal.base, self.window_set, proposal.fidelity,
+                                            proposal.levels, proposal.label)
+        else:
+            scores = self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label)
+        searcher.observe(scores)
         for s in searcher.path[self._logged:]:  # steps new since the last batch
             what = f"Optuna trial {s.layer}" if s.kind == "trial" else f"remove {s.kind} {s.layer}"
             log.info("step %d: %s -> ppl %.3f, ratio %.4f", s.step, what, s.ppl, s.ratio)

@@ -81,7 +81,7 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
         e = search.evolution
         return EvolutionSearcher(arch, search.target_ratio, offspring=e.offspring, generations=e.generations,
                                  max_swaps=e.max_swaps, seed=search.seed, max_evaluations=e.max_evaluations,
-                                 known=known)
+                                 first_windows=e.first_windows, survivors=e.survivors, known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 

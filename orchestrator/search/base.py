@@ -21,11 +21,17 @@ StepKind = Literal["attn", "mlp", "attn_width", "mlp_width", "trial"]
 
 @dataclass(frozen=True)
 class Proposal:
-    """Masks to score. ``base`` is the model they branch from (a hint for prefix reuse)."""
+    """Masks to score. ``base`` is the model they branch from (a hint for prefix reuse).
+
+    ``levels`` (window counts, empty: none) asks for scores built from cached segments of the
+    calibration windows cut at those counts, and ``fidelity`` for the score on the first that many
+    windows (None: all); see :meth:`~orchestrator.scorer.Scorer.score_upto`."""
 
     masks: tuple[Mask, ...]
     base: Mask | None = None
     label: str = ""
+    fidelity: int | None = None
+    levels: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ campaign stopped mid-generation replays to the same result from its cache.
 
 The path is BlockPruner's, followed by one step of kind ``trial`` (``layer`` = generation) per
 improvement of the parent; ``references()`` has the greedy mask scored on the held-out windows too.
-Not yet here (issue "Search beyond greedy"): multi-fidelity selection, KL fitness, widths.
+With ``first_windows``, selection runs in two steps, as EvoPress's does: every offspring is scored on
+the first ``first_windows`` calibration windows, the ``survivors`` best of them on all windows.
+Not yet here (issue "Search beyond greedy"): KL fitness, widths.
 """
 
 from __future__ import annotations
@@ -38,20 +40,32 @@ log = logging.getLogger("rayprune")
 
 class EvolutionSearcher(Searcher):
     """Contract of :class:`~.base.Searcher`, plus: every offspring has the greedy mask's parameter
-    count, no mask is proposed twice, and at most ``max_evaluations`` offspring are scored."""
+    count, no mask is proposed twice at one fidelity, and at most ``max_evaluations`` offspring are
+    scored.
+
+    ``first_windows`` turns on EvoPress's multi-step selection: every offspring is scored on the
+    first ``first_windows`` calibration windows, and only the ``survivors`` best of them on all
+    windows (the parent's full score is known), from cached segments of the windows
+    (``Proposal.levels``), so a survivor's full score re-forwards nothing.
+    """
 
     def __init__(self, arch: Arch, target_ratio: float, *, offspring: int = 16, generations: int | None = None,
                  max_swaps: int = EVOPRESS_MAX_SWAPS, seed: int = 0, max_evaluations: int | None = None,
+                 first_windows: int | None = None, survivors: int = 2,
                  known: Mapping[Mask, float] | None = None) -> None:
-        if offspring < 1 or max_swaps < 1 or (generations is not None and generations < 1) or (
-                max_evaluations is not None and max_evaluations < 1):
-            raise ValueError(f"offspring, max_swaps, generations and max_evaluations must be >= 1; got {offspring}, "
-                             f"{max_swaps}, {generations}, {max_evaluations}")
+        if offspring < 1 or max_swaps < 1 or survivors < 1 or any(v is not None and v < 1 for v in (
+                generations, max_evaluations, first_windows)):
+            raise ValueError(f"offspring, max_swaps, survivors, generations, max_evaluations and first_windows must "
+                             f"be >= 1; got {offspring}, {max_swaps}, {survivors}, {generations}, {max_evaluations}, "
+                             f"{first_windows}")
         self.arch, self.target_ratio = arch, target_ratio
         self.offspring, self.max_swaps, self.seed = offspring, max_swaps, seed
         self.generations, self.max_evaluations = generations, max_evaluations
+        self.first_windows, self.survivors = first_windows, survivors
+        self.levels: tuple[int, ...] = (first_windows,) if first_windows else ()
         self.path: list[Step] = []
-        self._known: dict[Mask, float] = dict(known or {})
+        self._known: dict[Mask, float] = dict(known or {})  # scores on every calibration window
+        self._low: dict[Mask, float] = {}  # scores on the first first_windows windows
         self._greedy: BlockPrunerSearcher | None = BlockPrunerSearcher(arch, target_ratio)
         self._rng = random.Random(seed)
         self.parent: Mask | None = None
@@ -61,7 +75,10 @@ class EvolutionSearcher(Searcher):
         self.generation = 0  # generations selected so far
         self.evaluations = 0  # offspring scored (from the cache or the pool)
         self.history: list[dict[str, Any]] = []  # per generation: best offspring, parent after it
-        self._pending: list[Mask] | None = None
+        self._stage: str | None = None  # within a generation: "low" (all offspring), then "full" (survivors)
+        self._children: list[Mask] = []
+        self._finalists: list[Mask] = []
+        self._pending: Proposal | None = None
 
     # ---- protocol -----------------------------------------------------------------------------------
     def suggest(self) -> Proposal | None:
@@ -70,24 +87,29 @@ class EvolutionSearcher(Searcher):
             if proposal is not None:
                 return proposal
             self._start()
-        while not self._done():
-            children = self._children()
-            missing = [c for c in children if c not in self._known]
-            self._pending = children
-            if missing:
-                return Proposal(tuple(missing), base=self.parent, label=f"generation {self.generation + 1}")
-            self._select(children)  # every child already scored: nothing to run
-        return None
+        while True:
+            if self._stage is None:
+                if self._done():
+                    return None
+                self._children = self._draw()
+                self._stage = "low" if self.first_windows else "full"
+                self._finalists = [] if self.first_windows else list(self._children)
+            self._pending = self._proposal()
+            if self._pending is not None:
+                return self._pending
+            self._advance()  # nothing left to score at this stage
 
     def observe(self, scores: Mapping[Mask, float]) -> None:
-        self._known.update(scores)
         if self._greedy is not None:
             self._greedy.observe(scores)
+            self._known.update(scores)
             self.path, self.dense_ppl = list(self._greedy.path), self._greedy.dense_ppl
             return
         if self._pending is None:
             raise RuntimeError("observe() called without a pending suggest()")
-        self._select(self._pending)
+        got = {m: scores[m] for m in self._pending.masks}  # KeyError: a mask of the proposal was not scored
+        (self._low if self._stage == "low" else self._known).update(got)
+        self._pending = None
 
     # ---- the evolution ------------------------------------------------------------------------------
     def _start(self) -> None:
@@ -100,15 +122,16 @@ class EvolutionSearcher(Searcher):
         if not swappable(self.parent, self.arch.num_layers):
             log.warning("evolution: the greedy mask %s has nothing to swap; it is the result", self.parent.to_json())
             self.generations = 0
-        log.info("evolution from the greedy mask (ppl %.3f, ratio %.4f): %d generations of %d offspring",
-                 self.parent_ppl, ratio(self.parent, self.arch), self.generations, self.offspring)
+        log.info("evolution from the greedy mask (ppl %.3f, ratio %.4f): %d generations of %d offspring%s",
+                 self.parent_ppl, ratio(self.parent, self.arch), self.generations, self.offspring,
+                 f", {self.survivors} survivors of {self.first_windows} windows each" if self.first_windows else "")
 
     def _done(self) -> bool:
         if self.generation >= (self.generations or 0):
             return True
         return self.max_evaluations is not None and self.evaluations >= self.max_evaluations
 
-    def _children(self) -> list[Mask]:
+    def _draw(self) -> list[Mask]:
         """This generation's distinct offspring (drawn from the seeded generator, whatever was scored)."""
         budget = self.offspring if self.max_evaluations is None else min(self.offspring,
                                                                           self.max_evaluations - self.evaluations)
@@ -121,11 +144,28 @@ class EvolutionSearcher(Searcher):
                 break
         return children
 
-    def _select(self, children: list[Mask]) -> None:
-        self._pending = None
+    def _proposal(self) -> Proposal | None:
+        """What this stage still needs scored (None: nothing)."""
+        label = f"generation {self.generation + 1}"
+        if self._stage == "low":
+            missing = tuple(c for c in self._children if c not in self._low)
+            return Proposal(missing, base=self.parent, label=f"{label} ({self.first_windows} windows)",
+                            fidelity=self.first_windows, levels=self.levels) if missing else None
+        missing = tuple(c for c in self._finalists if c not in self._known)
+        return Proposal(missing, base=self.parent, label=label, levels=self.levels) if missing else None
+
+    def _advance(self) -> None:
+        if self._stage == "low":  # the best few on few windows go on to every window
+            self._finalists = sorted(self._children, key=lambda m: rank_value(self._low[m]))[:self.survivors]
+            self._stage = "full"
+        else:
+            self._select()
+            self._stage = None
+
+    def _select(self) -> None:
         self.generation += 1
-        self.evaluations += len(children)
-        best = min(children, key=lambda m: rank_value(self._known[m]))
+        self.evaluations += len(self._children)
+        best = min(self._finalists, key=lambda m: rank_value(self._known[m]))
         best_ppl = self._known[best]
         improved = rank_value(best_ppl) < rank_value(self.parent_ppl)
         if improved:
@@ -148,6 +188,7 @@ class EvolutionSearcher(Searcher):
         if self.greedy_mask is None:
             return None
         return {"method": "evolution", "offspring": self.offspring, "max_swaps": self.max_swaps, "seed": self.seed,
+                "first_windows": self.first_windows, "survivors": self.survivors if self.first_windows else None,
                 "generations": self.generation, "evaluations": self.evaluations, "greedy_ppl": self.greedy_ppl,
                 "best_ppl": self.parent_ppl, "greedy_mask": self.greedy_mask.to_dict(),
                 "best_mask": self.parent.to_dict(), "history": self.history}

@@ -120,5 +120,5 @@ def test_max_evaluations_stops_the_search():
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="offspring, max_swaps, generations and max_evaluations must be >= 1"):
+    with pytest.raises(ValueError, match="offspring, max_swaps, survivors, generations, max_evaluations and first_windows must be >= 1"):
         EvolutionSearcher(ARCH, TARGET, offspring=0)

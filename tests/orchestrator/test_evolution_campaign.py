@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
 
+from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign
 from search_spaces import Mask, param_count
 from tests.orchestrator.test_optuna_campaign import counting, evaluated, masks_of
@@ -41,3 +43,27 @@ def test_evolution_campaign_writes_its_search_and_replays_from_the_cache(ray_ses
     again = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
     assert again.counters.evaluated == 0 and evaluated(tmp_path) == lines
     assert again.searcher.current == best and again.searcher.history == result.searcher.history
+
+
+def test_two_step_selection_scores_offspring_on_a_prefix_and_forwards_no_window_twice(ray_session, setup, tmp_path):
+    config = tiny_campaign_config(setup, "evolution-two-step", **{
+        "search.method": "evolution", "search.target_ratio": 0.3, "search.evolution.offspring": 4,
+        "search.evolution.generations": 2, "search.evolution.first_windows": 4, "search.evolution.survivors": 1,
+        "data.calibration": "{sequences: 8, length: 24, seed: 0}", "export": "false"})
+    result = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
+    lines = evaluated(tmp_path)
+    assert len(lines) == len(set(lines))  # no (mask, windows) forwarded twice
+    run_dir = result.run_dir
+    search = json.loads((run_dir / "search.json").read_text())
+    assert search["first_windows"] == 4 and search["survivors"] == 1
+    # The cache holds each offspring on windows [0, 4) and each survivor on [4, 8) too, under their own keys.
+    by_fp: dict[str, set[Mask]] = {}
+    for row in EvalCache(run_dir / "evals", flush_every=None).rows():
+        by_fp.setdefault(row["calibration_fp"], set()).add(Mask.from_json(row["mask_json"]))
+    single = Mask(attn_removed={0})  # scored by the greedy phase on the whole calibration set only
+    calibration = next(fp for fp, masks in by_fp.items() if single in masks)
+    prefix, rest = (by_fp[hashlib.sha256(f"{calibration}[{a}:{b}]".encode()).hexdigest()[:32]]
+                    for a, b in ((0, 4), (4, 8)))
+    assert 4 <= len(prefix) <= search["evaluations"] == 8  # 2 generations x 4 offspring (a repeat is not rescored)
+    assert rest <= prefix and 1 <= len(rest) <= 2  # one survivor per generation goes on to every window
+    assert Mask.from_dict(search["best_mask"]) == result.searcher.current and (run_dir / "report.md").exists()
