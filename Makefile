@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/busy_fraction.py
 	$(PY) bench/sprint_pool.py
+	$(PY) bench/racing.py
 	$(PY) bench/campaigns.py
 	$(PY) bench/sprint_vs_blockpruner.py
 	$(PY) bench/plan_table.py

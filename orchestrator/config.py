@@ -79,6 +79,16 @@ class EvolutionConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RacingConfig:
+    """Racing for blockpruner and multipruner: every candidate on a few windows, the best on all."""
+
+    windows: int | None = None  # round 1 on this many calibration windows; None: no racing (exact steps)
+    keep: int = 3  # round 2: the best this many of round 1 ...
+    min_margin: float = 0.01  # ... and any within this much log-perplexity of them (or 3 x round 1's error spread)
+    audit: bool = False  # also score every candidate on all windows and record where racing chose otherwise
+
+
+@dataclass(frozen=True, kw_only=True)
 class SearchConfig:
     """What to search for and how. The search stops at ``target_ratio`` or after ``max_steps``."""
 
@@ -104,6 +114,7 @@ class SearchConfig:
     sprint: SprintConfig = field(default_factory=SprintConfig)
     # evolution: offspring drawn with search.seed
     evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    racing: RacingConfig = field(default_factory=RacingConfig)
 
 
 @dataclass(frozen=True, kw_only=True)

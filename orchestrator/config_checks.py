@@ -13,8 +13,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, EvolutionConfig, SearchConfig,
-                     SprintConfig, WindowsConfig)
+from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, EvolutionConfig, RacingConfig,
+                     SearchConfig, SprintConfig, WindowsConfig)
 
 
 # ---- leaf checks: return the clean value or raise BadValue(reason; fix) --------------------------
@@ -266,6 +266,12 @@ SCHEMA: Section = (Config, {
             "max_evaluations": _int(1, 1000, optional=True),
             "first_windows": _int(1, 4, optional=True),
             "survivors": _int(1, 2),
+        }),
+        "racing": (RacingConfig, {
+            "windows": _int(1, 4, optional=True),
+            "keep": _int(1, 3),
+            "min_margin": _float(0.0, "0.01", strict=False),
+            "audit": _bool,
         }),
     }),
     "cluster": (ClusterConfig, {

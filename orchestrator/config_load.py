@@ -234,6 +234,11 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     valid: dict[str, Any] = {}
     config = _build(SCHEMA, raw, "", None, problems, valid)
     problems.extend(_target_problems(valid))
+    method = valid.get("search.method")
+    if valid.get("search.racing.windows") is not None and method is not None and method not in ("blockpruner",
+                                                                                                  "multipruner"):
+        problems.append(f"search.racing.windows: racing applies to blockpruner and multipruner, not {method}; "
+                        f"remove it, or use search.method=blockpruner")
     if "model" in valid and check_model is not None:
         model_problems, arch = _model_problems(valid["model"], check_model)
         problems.extend(model_problems)

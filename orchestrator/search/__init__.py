@@ -39,6 +39,22 @@ def searcher_class(method: str) -> type[Searcher]:
 
 def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
+    """The searcher a config asks for, wrapped in racing (``search.racing.windows``) for the greedy methods."""
+    searcher = _make_searcher(search, arch, run_dir=run_dir, pool_size=pool_size, known=known, costs=costs)
+    racing = search.racing
+    if racing.windows is None:
+        return searcher
+    if search.method not in ("blockpruner", "multipruner"):
+        raise ValueError(f"search.racing applies to blockpruner and multipruner, not {search.method}; remove "
+                         f"search.racing.windows")
+    from .racing import RacingSearcher
+
+    return RacingSearcher(searcher, windows=racing.windows, keep=racing.keep, min_margin=racing.min_margin,
+                          audit=racing.audit)
+
+
+def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
+                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
     """The searcher a config asks for (the config has already checked the method name).
 
     ``run_dir`` holds a searcher's own state (Optuna's study journal; None: in memory),

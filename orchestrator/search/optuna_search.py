@@ -4,7 +4,9 @@ The search runs in two phases inside one campaign:
 
 1. Warm start (``warm_start="blockpruner"``): a BlockPruner search to the target, proposed and
    observed like any greedy campaign (its evaluations land in the same cache). Its final mask is
-   enqueued as the study's first trial, so the best trial is never worse than greedy.
+   enqueued as the study's first trial, so the best trial is never worse than greedy, and the band
+   then starts at its ratio (same width): no trial removes less than greedy did, so a better trial
+   is never better just for removing less.
 2. The study: each ``suggest()`` asks up to ``batch`` trials (define-by-run: one integer per
    block, see :mod:`search_spaces.mask_space`), each repaired into the ratio band by
    :class:`~.band_sampler.BandSampler`; ``observe()`` tells them (NaN/inf: a failed trial, with a
@@ -62,8 +64,8 @@ class OptunaSearcher(Searcher):
             raise ValueError(f"sampler must be one of {SAMPLERS}, warm_start one of {WARM_STARTS}, trials and batch "
                              f">= 1; got {sampler!r}, {warm_start!r}, {trials}, {batch}")
         self.arch, self.target_ratio = arch, target_ratio
-        self.space = MaskSpace(arch, target_ratio, ratio_tolerance, widths=widths, mlp_group=mlp_group,
-                               head_group=head_group)
+        self._space_options = dict(widths=widths, mlp_group=mlp_group, head_group=head_group)
+        self.space = MaskSpace(arch, target_ratio, ratio_tolerance, **self._space_options)
         if problems := self.space.problems():
             raise ValueError("; ".join(problems))
         self.trials, self.batch, self.sampler_name, self.seed = trials, batch, sampler, seed
@@ -144,6 +146,14 @@ class OptunaSearcher(Searcher):
         if self._greedy_mask is not None:
             study.enqueue_trial(self.space.params(self._greedy_mask), user_attrs={"origin": "blockpruner"})
 
+    def _raise_floor(self) -> None:
+        """After the warm start, the band starts at the greedy mask's ratio (same width): every trial
+        removes at least as much as greedy, so a lower perplexity is never just less removal."""
+        greedy = ratio(self._greedy_mask, self.arch)
+        if greedy > self.space.target_ratio:
+            self.space = MaskSpace(self.arch, greedy, self.space.tolerance, **self._space_options)
+            log.info("optuna: the ratio band starts at BlockPruner's ratio, %.4f..%.4f", *self.space.band)
+
     def _base_sampler(self, seed: int) -> Any:
         import optuna
 
@@ -215,6 +225,7 @@ class OptunaSearcher(Searcher):
                 self._pending = ("greedy", proposal.masks)
                 return Proposal(proposal.masks, proposal.base, f"blockpruner {proposal.label}")
             self._greedy_mask, self.dense_ppl = self._greedy.current, self._greedy.dense_ppl
+            self._raise_floor()
         if self._study is None:
             self._open_study()
         masks = [m for _, m in self._ask()]

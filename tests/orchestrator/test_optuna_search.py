@@ -126,3 +126,16 @@ def test_resumes_from_the_journal_after_a_stop(tmp_path):
     third = OptunaSearcher(SMOL, 0.1, known={**scored, **{m: fake_ppl(m) for m in proposed}}, **settings)
     assert [m for _, masks in drive(third) for m in masks] == []
     assert third.summary()["best"] == summary["best"]
+
+
+def test_after_the_warm_start_no_trial_removes_less_than_greedy():
+    """The band moves up to the greedy mask's ratio (same width): a better trial is never better for
+    removing less."""
+    searcher = OptunaSearcher(SMOL, 0.1, trials=30, batch=4, seed=2)
+    proposals = drive(searcher)
+    greedy = ratio(searcher.references()["blockpruner"], SMOL)
+    assert greedy > 0.1  # BlockPruner ends past the target: the floor moved
+    study = [m for label, masks in proposals if label.startswith("optuna") for m in masks if m != Mask()]
+    assert len(study) == 30 and all(ratio(m, SMOL) >= greedy - 1e-9 for m in study)
+    low, high = searcher.summary()["band"]
+    assert low == pytest.approx(greedy) and high - low == pytest.approx(searcher.space.tolerance)

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 
-from orchestrator.config import IMPLEMENTED_METHODS, EvolutionConfig, SearchConfig
+from orchestrator.config import IMPLEMENTED_METHODS, EvolutionConfig, RacingConfig, SearchConfig
 from orchestrator.search import make_searcher
 from search_spaces import Block, Mask, param_count, ratio
 from search_spaces.latency import BlockCosts, best_candidate
@@ -35,9 +35,13 @@ SETTINGS = {
                      "mlp_group": 16},
     "sprint": {},
     "evolution": {"seed": 3, "evolution": EvolutionConfig(offspring=4, generations=6)},
+    "blockpruner-racing": {"racing": RacingConfig(windows=2, keep=2)},
+    "multipruner-racing": {"split": (0.4, 0.5, 0.1), "mlp_group": 16, "head_group": 1,
+                           "racing": RacingConfig(windows=2, keep=1, audit=True)},
 }
 COSTS = BlockCosts(fixed=0.2, attn=0.1, mlp=0.25)  # SPRINT's latency table (seconds per block)
-METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint", "evolution")
+METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint", "evolution", "blockpruner-racing",
+           "multipruner-racing")
 
 
 def test_every_implemented_method_is_in_the_contract():

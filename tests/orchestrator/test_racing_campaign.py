@@ -1,0 +1,55 @@
+"""Racing on a tiny model with real Ray actors: the exact campaign's path, an audit that agrees, and
+never more tokens forwarded than the exact campaign."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.cache import EvalCache
+from orchestrator.campaign import Campaign
+from tests.tiny import tiny_campaign_config, tiny_run_setup
+
+pytestmark = pytest.mark.ray
+
+DATA = {"data.calibration": "{sequences: 8, length: 24, seed: 0}", "search.target_ratio": 0.3, "export": "false"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_run_setup(tmp_path_factory.mktemp("racing"))
+
+
+def calibration_tokens(run_dir, heldout_fp: str) -> int:
+    """Tokens the campaign forwarded on calibration windows (whole set and segments), from its cache."""
+    return sum(int(r["tokens"]) for r in EvalCache(run_dir / "evals", flush_every=None).rows()
+               if r["calibration_fp"] != heldout_fp)
+
+
+def test_racing_on_real_actors_keeps_the_path_or_names_the_change_and_forwards_no_more(ray_session, setup):
+    exact = Campaign(tiny_campaign_config(setup, "exact", **DATA), progress=False).run()
+    raced = Campaign(tiny_campaign_config(setup, "raced", **DATA, **{"search.racing.windows": 2,
+                                                                     "search.racing.keep": 2}), progress=False).run()
+    audited = Campaign(tiny_campaign_config(setup, "audited", **DATA, **{
+        "search.racing.windows": 2, "search.racing.keep": 2, "search.racing.audit": "true"}), progress=False).run()
+    paths = [json.loads((r.run_dir / "path.json").read_text()) for r in (exact, raced, audited)]
+    steps = [[(s["kind"], s["layer"]) for s in p["steps"]] for p in paths]
+    search = json.loads((audited.run_dir / "search.json").read_text())["racing"]
+    changed = [s for s in search["steps"] if "changed" in s]
+    if steps[1] == steps[0]:
+        assert not changed  # the audit found nothing racing changed
+        assert [s["ppl"] for s in paths[1]["steps"]] == pytest.approx([s["ppl"] for s in paths[0]["steps"]], rel=1e-9)
+    else:  # a changed decision is named, with the exact choice's lower perplexity
+        assert changed and all(c["changed"]["exact_ppl"] <= c["changed"]["racing_ppl"] for c in changed)
+    assert steps[2] == steps[1]  # the audit does not change racing's decisions
+    # A tiny random model's candidates lie within a few percent of each other: round 1 cannot tell most of
+    # them apart, so most go on to round 2 (SmolLM2's spread is wide: bench/racing.py). Round 2 forwards
+    # only the windows round 1 did not, so racing never forwards more than the exact campaign.
+    race = json.loads((raced.run_dir / "search.json").read_text())["racing"]
+    assert race["finalists"] <= race["candidates"] == sum(s["candidates"] for s in race["steps"])
+    heldout_fp = {r["calibration_fp"] for r in EvalCache(exact.run_dir / "evals", flush_every=None).rows()
+                  if r["tokens"] == 3 * 31}  # the held-out windows: 3 x 32
+    assert len(heldout_fp) == 1
+    fp = heldout_fp.pop()
+    assert calibration_tokens(raced.run_dir, fp) <= calibration_tokens(exact.run_dir, fp)
