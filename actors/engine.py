@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 
@@ -49,6 +49,10 @@ def _intra_op_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+#: ``loss(h, batch, start)``: summed loss and token count of a batch's final streams (see score_masks).
+Loss = Callable[[torch.Tensor, torch.Tensor, int], tuple[float, int]]
 
 
 class Engine:
@@ -85,8 +89,13 @@ class Engine:
         per_sample = engine_bytes_per_sample(self.decoder.arch, tokens, element, kept, concurrent)
         return micro_batch_size(self.memory_budget, per_sample, self.batch_size)
 
-    def score_masks(self, windows: torch.Tensor, masks: Sequence[Mask], base: Mask | None = None) -> list[Score]:
+    def score_masks(self, windows: torch.Tensor, masks: Sequence[Mask], base: Mask | None = None,
+                    loss: Loss | None = None) -> list[Score]:
         """Scores of ``masks`` on ``windows`` (N, T); with ``base``, suffixes only.
+
+        ``loss(h, batch, start)`` turns the final streams of a batch (its first window is row
+        ``start`` of ``windows``) into a summed loss and a token count; default: the next-token NLL
+        (``LeanDecoder.nll``). KL fitness passes one (actors/kl.py).
 
         ``base`` need not be one of ``masks``; any mask may differ from it anywhere (it then simply
         starts earlier). Without ``base`` every mask runs in full, as in the naive loop.
@@ -107,16 +116,20 @@ class Engine:
         runs = sum(s is not None for s in starts) + (None in starts)  # suffixes run per batch
         micro = self.micro_batch_size(windows.shape[1], kept, runs)
         totals = [Score(0.0, 0)] * len(masks)
+        loss = loss or (lambda h, batch, start: decoder.nll(h, batch))
         with torch.inference_mode():
-            for batch in self._batches(windows):
-                for part in ([batch] if micro >= batch.shape[0] else batch.split(micro)):
-                    scores, same = self._score_batch(part, masks, base, starts, kept_at)
+            for first in range(0, windows.shape[0], self.batch_size):
+                batch = windows[first:first + self.batch_size]
+                for offset in range(0, batch.shape[0], micro):
+                    part = batch[offset:offset + micro]
+                    scores, same = self._score_batch(part, masks, base, starts, kept_at,
+                                                     lambda h, b, at=first + offset: loss(h, b, at))
                     for i, start in enumerate(starts):
                         totals[i] = totals[i] + scores[same if start is None else i]
         return totals
 
     def _score_batch(self, batch: torch.Tensor, masks: Sequence[Mask], base: Mask | None, starts: list[int | None],
-                     kept_at: set[int]) -> tuple[dict[int, Score], int | None]:
+                     kept_at: set[int], loss) -> tuple[dict[int, Score], int | None]:
         """Scores of one (micro-)batch by mask index, and the index scored for the masks equal to the
         base. Its kept streams die when it returns, before the next micro-batch starts."""
         decoder, num_blocks = self.decoder, self.decoder.arch.num_blocks
@@ -134,7 +147,7 @@ class Engine:
             t1 = time.perf_counter()
             start = starts[i]
             h = streams[num_blocks] if start is None else decoder.run(streams[start], masks[i], start)
-            return Score(*decoder.nll(h, batch), time.perf_counter() - t1 + shared)
+            return Score(*loss(h, batch), time.perf_counter() - t1 + shared)
 
         # Masks equal to the base share one score; the others run their suffixes,
         # longest first so that concurrent streams finish together.

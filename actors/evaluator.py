@@ -120,24 +120,49 @@ class Evaluator:
                 "threads": __import__("torch").get_num_threads()}
 
     def evaluate(self, window_set: str, masks: Sequence[str], base: str | None = None,
-                 rows: Sequence[int] | None = None) -> list[dict[str, Any]]:
+                 rows: Sequence[int] | None = None, fitness: str = "ppl") -> list[dict[str, Any]]:
         """Score masks (canonical JSON) on a named window set; one dict per mask, in order.
 
         ``rows`` (start, stop): only those windows of the set (a shard). NLL sums and token counts of
-        disjoint shards add up to the whole set's, exactly so for shards cut at batch boundaries."""
+        disjoint shards add up to the whole set's, exactly so for shards cut at batch boundaries.
+        ``fitness`` (``search_spaces.scores.fitness_tag``): ``ppl``, or ``kl``/``kl:<K>``, whose
+        ``nll_sum`` is the summed KL(dense || mask) against the dense model's log-probabilities,
+        computed once per window set on this replica (actors/kl.py)."""
         from search_spaces import Mask
+        from search_spaces.scores import parse_fitness
 
         windows = self.windows[window_set]
+        start, stop = 0, windows.shape[0]
         if rows is not None:
             start, stop = (int(r) for r in rows)
             if not 0 <= start < stop <= windows.shape[0]:
                 raise ValueError(f"rows {tuple(rows)} is not a window range of {window_set!r}, which holds "
                                  f"{windows.shape[0]} windows; pass 0 <= start < stop <= {windows.shape[0]}")
             windows = windows[start:stop]
+        kind, top_k = parse_fitness(fitness)
+        loss = None
+        if kind == "kl":
+            from .kl import kl_sum
+
+            reference = self._dense_reference(window_set, top_k)
+            decoder = self.engine.decoder
+            loss = lambda h, batch, at: kl_sum(decoder, h, reference.rows(start + at, start + at + batch.shape[0]))  # noqa: E731
         parsed = [Mask.from_json(m) for m in masks]
-        scores = self.engine.score_masks(windows, parsed, None if base is None else Mask.from_json(base))
+        scores = self.engine.score_masks(windows, parsed, None if base is None else Mask.from_json(base), loss)
         return [{"nll_sum": s.nll_sum, "tokens": s.tokens, "seconds": s.seconds, "worker": self.worker}
                 for s in scores]
+
+    def _dense_reference(self, window_set: str, top_k: int | None):
+        """The dense model's log-probabilities on a window set (KL fitness), computed once; the
+        latest one only is kept (a campaign scores one calibration set with one fitness)."""
+        from .kl import DenseReference
+
+        key = (window_set, top_k)
+        if getattr(self, "_reference", (None, None))[0] != key:
+            self._reference = (None, None)  # free the old one first
+            self._reference = (key, DenseReference.compute(self.engine.decoder, self.windows[window_set],
+                                                           self.engine.batch_size, top_k))
+        return self._reference[1]
 
     # ---- SPRINT (search state travels in the arguments; see actors/sprint.py) ---------------------
     # ``sources`` map the content hash of every refitted weight the request's ``tuned`` names to where

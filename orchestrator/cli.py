@@ -34,7 +34,8 @@ def summary(run_dir: Path) -> str:
     held, ev = path["heldout"], path["evaluations"]
     final_ratio = path["steps"][-1]["ratio"] if path["steps"] else 0.0
     return "\n".join([
-        "", "Removal path (calibration perplexity):", path_table(path), "",
+        "", "Removal path (calibration perplexity):" if path.get("fitness", "ppl") == "ppl" else
+        f"Removal path (calibration fitness exp(KL to dense), {path['fitness']}):", path_table(path), "",
         f"Held-out perplexity: dense {held['dense_ppl']:.3f} -> pruned {held['pruned_ppl']:.3f} "
         f"at ratio {final_ratio:.4f}",
         f"Evaluations: {ev['evaluated']} run, {ev['cached']} from cache, {ev['failed']} failed; "

@@ -93,6 +93,8 @@ class SearchConfig:
     """What to search for and how. The search stops at ``target_ratio`` or after ``max_steps``."""
 
     method: str = "blockpruner"  # see METHODS / IMPLEMENTED_METHODS
+    fitness: str = "ppl"  # ppl | kl: mean KL(dense || mask) per token on the calibration windows (not sprint)
+    kl_top_k: int | None = None  # kl: keep the dense model's top K tokens per position, the rest folded; None: all
     target_ratio: float | None = None  # removed / dense parameters, strictly inside (0, 1); required but for sprint
     max_steps: int | None = None  # None: no cap on greedy steps
     batch_size: int = 4  # calibration sequences per forward pass

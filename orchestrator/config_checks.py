@@ -236,6 +236,8 @@ SCHEMA: Section = (Config, {
     }),
     "search": (SearchConfig, {
         "method": _method,
+        "fitness": _one_of(("ppl", "kl")),
+        "kl_top_k": _int(1, 256, optional=True),
         "target_ratio": _optional_fraction,
         "max_steps": _int(1, 10, optional=True),
         "batch_size": _int(1, 4),

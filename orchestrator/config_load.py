@@ -239,6 +239,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
                                                                                                   "multipruner"):
         problems.append(f"search.racing.windows: racing applies to blockpruner and multipruner, not {method}; "
                         f"remove it, or use search.method=blockpruner")
+    if valid.get("search.fitness") == "kl" and method == "sprint":
+        problems.append("search.fitness: kl does not apply to sprint, which ranks blocks by local sensitivity; "
+                        "remove it, or use another search.method")
     if "model" in valid and check_model is not None:
         model_problems, arch = _model_problems(valid["model"], check_model)
         problems.extend(model_problems)

@@ -56,8 +56,11 @@ class Task:
     rows: tuple[int, int] | None = None
     tokens: int | None = None
     prefer: int | None = None  # the actor (its index in the pool) that should take it when free: its memo helps
+    fitness: str = "ppl"  # search_spaces.scores.fitness_tag: ppl, kl, kl:<K>
 
     def submit(self, actor: Any) -> Any:
+        if self.fitness != "ppl":
+            return actor.evaluate.remote(self.window_set, self.masks, self.base, self.rows, self.fitness)
         if self.rows is None:  # the call every evaluator (and every subclass in tests) understands
             return actor.evaluate.remote(self.window_set, self.masks, self.base)
         return actor.evaluate.remote(self.window_set, self.masks, self.base, self.rows)

@@ -30,8 +30,14 @@ def step_label(step: dict) -> str:
     return f"{step['kind']} {step['layer']}"
 
 
+def calibration_column(path: dict) -> str:
+    """What the calibration scores of a run are: perplexity, or exp(mean KL to the dense model)."""
+    fitness = path.get("fitness", "ppl")
+    return "ppl (calibration)" if fitness == "ppl" else f"exp(KL) to dense (calibration, {fitness})"
+
+
 def path_table(path: dict) -> str:
-    lines = ["| step | removed / narrowed | ppl (calibration) | ratio | parameters |", "|---:|---|---:|---:|---:|",
+    lines = [f"| step | removed / narrowed | {calibration_column(path)} | ratio | parameters |", "|---:|---|---:|---:|---:|",
              f"| 0 | (dense) | {path['dense_ppl']:.3f} | 0.0000 | {path['dense_params']:,} |"]
     for s in path["steps"]:
         lines.append(f"| {s['step']} | {step_label(s)} | {s['ppl']:.3f} | {s['ratio']:.4f} | {s.get('params', 0):,} |")
@@ -98,7 +104,7 @@ def _summary(path: dict, config: dict[str, Any], mask: Mask) -> list[str]:
 def _quality_table(path: dict) -> list[str]:
     held = path.get("heldout") or {}
     final = path["steps"][-1] if path["steps"] else None
-    lines = ["| model | parameters | ratio | ppl (calibration) | ppl (held-out) |", "|---|---:|---:|---:|---:|"]
+    lines = [f"| model | parameters | ratio | {calibration_column(path)} | ppl (held-out) |", "|---|---:|---:|---:|---:|"]
 
     def cell(value: Any) -> str:
         return "n/a" if value is None else f"{value:.3f}"

@@ -123,21 +123,28 @@ class Scorer:
         self.counters.cached += 1
         return row["ppl"]
 
-    def known(self, window_set: str = "calibration") -> dict[Mask, float]:
-        """Perplexity of every mask the cache holds for this model and these windows."""
-        fingerprints = (self.model_fingerprint, self.fingerprints[window_set])
+    def known(self, window_set: str = "calibration", fitness: str = "ppl") -> dict[Mask, float]:
+        """Perplexity (or a KL fitness's exp(mean KL)) of every mask the cache holds for this model
+        and these windows."""
+        fingerprints = (self.fitness_fingerprint(fitness), self.fingerprints[window_set])
         return {Mask.from_json(r["mask_json"]): r["ppl"] for r in self.cache.rows()
                 if (r["model_fp"], r["calibration_fp"]) == fingerprints}
 
-    def score(self, masks: Sequence[Mask], base: Mask | None, window_set: str, label: str) -> dict[Mask, float]:
-        """Perplexity of every mask: from the cache where present, else from the evaluators."""
+    def score(self, masks: Sequence[Mask], base: Mask | None, window_set: str, label: str,
+              fitness: str = "ppl") -> dict[Mask, float]:
+        """Perplexity of every mask: from the cache where present, else from the evaluators.
+
+        ``fitness`` (``search_spaces.scores.fitness_tag``): ``ppl``, or ``kl``/``kl:<K>``, whose
+        "perplexity" is exp(mean KL(dense || mask)) and whose rows are keyed by the model
+        fingerprint with ``+kl...`` added, so the two never stand for each other."""
         from tqdm import tqdm
 
+        model_fp = self.fitness_fingerprint(fitness)
         scores: dict[Mask, float] = {}
         todo: list[Mask] = []
-        keys = {mask: self.key(mask, window_set) for mask in masks}  # each mask keyed once
+        keys = {mask: self.key(mask, window_set, model_fp) for mask in masks}  # each mask keyed once
         for mask, key in keys.items():
-            row = self.cache.get(key, model_fp=self.model_fingerprint, calibration_fp=self.fingerprints[window_set])
+            row = self.cache.get(key, model_fp=model_fp, calibration_fp=self.fingerprints[window_set])
             if row is None:
                 todo.append(mask)
             else:
@@ -151,7 +158,7 @@ class Scorer:
             log.info("%s: %d of %d masks served from the cache", label, len(scores), total)
         by_json = {mask.to_json(): mask for mask in todo}
         errors: list[str] = []
-        tasks = self._tasks(todo, base, window_set)
+        tasks = self._tasks(todo, base, window_set, fitness)
         shards = MaskShards(tasks)
         for outcome in self.dispatcher.run(tasks):
             done = shards.add(outcome)
@@ -162,7 +169,7 @@ class Scorer:
                 mask = by_json[mask_json]
                 if row is None:
                     errors.append(error or "unknown error")
-                scores[mask] = self.record(mask, window_set, row, error, key=keys[mask])
+                scores[mask] = self.record(mask, window_set, row, error, key=keys[mask], model_fingerprint=model_fp)
                 results.append(scores[mask])
             self.cache.flush()
             bar.update(len(done))
@@ -205,7 +212,7 @@ class Scorer:
         return list(zip([0, *ends[:-1]], ends))
 
     def score_upto(self, masks: Sequence[Mask], base: Mask | None, window_set: str, upto: int | None,
-                   cuts: Sequence[int], label: str) -> dict[Mask, float]:
+                   cuts: Sequence[int], label: str, fitness: str = "ppl") -> dict[Mask, float]:
         """Perplexity of every mask on the first ``upto`` windows of ``window_set`` (None: all), from
         the segments of ``levels(window_set, cuts)`` that reach it: a segment scored before (this run
         or an earlier one) is read from the cache and never forwarded again, and a score on few windows
@@ -215,10 +222,10 @@ class Scorer:
         segments = self.levels(window_set, [*cuts, end])
         names = [self.segment(window_set, a, b) for a, b in segments if b <= end]
         for name in names:
-            self.score(masks, base, name, f"{label} ({name})")
-        out = {}
+            self.score(masks, base, name, f"{label} ({name})", fitness)
+        model_fp, out = self.fitness_fingerprint(fitness), {}
         for mask in masks:
-            rows = [self.cache.get(self.key(mask, name), model_fp=self.model_fingerprint,
+            rows = [self.cache.get(self.key(mask, name, model_fp), model_fp=model_fp,
                                    calibration_fp=self.fingerprints[name]) for name in names]
             if any(r is None or r.get("status") != "ok" for r in rows):
                 out[mask] = math.nan
@@ -226,7 +233,11 @@ class Scorer:
                 out[mask] = perplexity(math.fsum(r["nll_sum"] for r in rows), sum(int(r["tokens"]) for r in rows))
         return out
 
-    def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str) -> list[Task]:
+    def fitness_fingerprint(self, fitness: str = "ppl") -> str:
+        """The model fingerprint a fitness's rows are keyed by: the model's, ``+kl...`` for KL."""
+        return self.model_fingerprint if fitness == "ppl" else f"{self.model_fingerprint}+{fitness}"
+
+    def _tasks(self, masks: list[Mask], base: Mask | None, window_set: str, fitness: str = "ppl") -> list[Task]:
         """Tiles: chunks of masks of similar cost (masks ordered by where they leave the base), each
         on every window shard (:func:`window_shards`), the shards of a chunk one after another."""
         num_blocks = self.arch.num_blocks
@@ -241,7 +252,8 @@ class Scorer:
         chunks = balanced_chunks(costs, 1 if n_actors == 1 else 2 * n_actors)
         base_json = None if base is None else base.to_json()
         evaluated = self.segments.get(window_set, (window_set,))[0]  # a segment is evaluated on its set's rows
-        return [Task(evaluated, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens)
+        return [Task(evaluated, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens,
+                     fitness=fitness)
                 for chunk in chunks for rows, tokens in self._shards(window_set, len(chunks), n_actors)]
 
     def _shards(self, window_set: str, n_chunks: int, n_actors: int) -> list[tuple[tuple[int, int] | None, int | None]]:

@@ -42,19 +42,23 @@ class PerplexityRun:
     """Proposals answered with the calibration perplexity of every mask."""
 
     def __init__(self, config: Config, scorer: Scorer, rundir: RunDir, *, window_set: str = "calibration") -> None:
+        from search_spaces.scores import fitness_tag
+
         self.config, self.scorer, self.rundir, self.window_set = config, scorer, rundir, window_set
+        self.fitness = fitness_tag(config.search.fitness, config.search.kl_top_k)  # calibration scores only
         self._logged = 0
 
     def searcher(self) -> Searcher:
         return make_searcher(self.config.search, self.scorer.arch, run_dir=self.rundir.path,
-                             pool_size=len(self.scorer.dispatcher.actors), known=self.scorer.known(self.window_set))
+                             pool_size=len(self.scorer.dispatcher.actors),
+                             known=self.scorer.known(self.window_set, self.fitness))
 
     def answer(self, searcher: Searcher, proposal: Proposal) -> None:
         if proposal.levels:  # fidelity levels: scores from cached segments of the windows
             scores = self.scorer.score_upto(proposal.masks, proposal.base, self.window_set, proposal.fidelity,
-                                            proposal.levels, proposal.label)
+                                            proposal.levels, proposal.label, self.fitness)
         else:
-            scores = self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label)
+            scores = self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label, self.fitness)
         searcher.observe(scores)
         for s in searcher.path[self._logged:]:  # steps new since the last batch
             what = f"Optuna trial {s.layer}" if s.kind == "trial" else f"remove {s.kind} {s.layer}"
@@ -68,7 +72,7 @@ class PerplexityRun:
                 **{f"{name}_ppl": held[mask] for name, mask in references.items()}}
 
     def extras(self, searcher: Searcher) -> dict[str, Any]:
-        return {}
+        return {"path": {"fitness": self.fitness}} if self.fitness != "ppl" else {}
 
 
 def search_run(config: Config, scorer: Scorer, rundir: RunDir) -> SearchRun:
