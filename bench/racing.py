@@ -3,12 +3,14 @@
     make bench            # or: .venv/bin/python bench/racing.py
 
 Issue "Search beyond greedy": racing must take the same path as exact BlockPruner on fixed windows
-and forward at least 3x fewer tokens. configs/demo.yaml with 8 x 128 calibration tokens (batch 2),
-``search.max_steps=3``, 2 evaluator actors x 1 CPU, cold run directories, one after the other:
+and forward at least 3x fewer tokens. configs/demo.yaml with 32 x 128 calibration tokens (4,096;
+batch 2), ``search.max_steps=3``, 2 evaluator actors x 1 CPU, cold run directories, one after the
+other:
 
-- exact: every candidate on all 8 windows;
-- racing: every candidate on the first 2 windows, the best 3 (and any within the margin) on all 8;
-- racing with ``audit``: the exact step too, and every decision racing changed.
+- exact: every candidate on all 32 windows;
+- racing: every candidate on the first 4 windows, the best 3 (and any within the margin) on all 32;
+- only if racing took another path, racing with ``audit``: the exact step too, and every decision
+  racing changed with what it cost.
 
 Forwarded tokens are read from each run's cache (calibration rows, whole set and segments), so they
 count what the evaluators computed. Section ``<!-- racing -->`` of bench/RESULTS.md.
@@ -25,8 +27,9 @@ from results import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "<!-- racing -->"
-COMMON = ["data.calibration={sequences: 8, length: 128, seed: 0}", "search.batch_size=2", "search.max_steps=3",
-          "export=false"]
+SEQUENCES, ROUND1 = 32, 4
+COMMON = [f"data.calibration={{sequences: {SEQUENCES}, length: 128, seed: 0}}", "search.batch_size=2",
+          "search.max_steps=3", "export=false"]
 
 
 def campaign(name: str, extra: list[str]) -> dict:
@@ -52,36 +55,45 @@ def campaign(name: str, extra: list[str]) -> dict:
 
 
 def main() -> None:
+    racing = [f"search.racing.windows={ROUND1}", "search.racing.keep=3"]
     exact = campaign("exact", [])
-    raced = campaign("raced", ["search.racing.windows=2", "search.racing.keep=3"])
-    audited = campaign("audited", ["search.racing.windows=2", "search.racing.keep=3", "search.racing.audit=true"])
+    raced = campaign("raced", racing)
+    audited = None if raced["steps"] == exact["steps"] else campaign("audited", [*racing, "search.racing.audit=true"])
     for r in (exact, raced, audited):
-        print(f"{r['name']}: {r['steps']}, {r['tokens']:,} tokens, {r['wall']:.0f} s, held-out {r['heldout']:.3f}")
+        if r is not None:
+            print(f"{r['name']}: {r['steps']}, {r['tokens']:,} tokens, {r['wall']:.0f} s, held-out {r['heldout']:.3f}")
     write_results(exact, raced, audited)
 
 
-def write_results(exact: dict, raced: dict, audited: dict) -> None:
-    changed = [s for s in audited["racing"]["steps"] if "changed" in s]
+def write_results(exact: dict, raced: dict, audited: dict | None) -> None:
+    changed = [s for s in audited["racing"]["steps"] if "changed" in s] if audited else []
     lines = ["## Racing vs exact greedy steps (`bench/racing.py`)", "",
-             f"SmolLM2-135M, configs/demo.yaml with 8 x 128 calibration tokens (batch 2), search.max_steps=3, 2 "
-             f"evaluator actors x 1 CPU, fp32, cold run directories, {time.strftime('%Y-%m-%d')}, this machine. "
-             "Racing: every candidate on the first 2 windows, the best 3 and any within the margin (at least 0.01 "
-             "in log-perplexity, else 3 x the spread of round 1's errors) on all 8. Tokens: what the evaluators "
-             "forwarded on calibration windows, from each run's cache.", "",
-             "| campaign | path | calibration ppl per step | tokens forwarded | round 2 entrants / candidates | wall |",
-             "|---|---|---|---:|---:|---:|"]
+             f"SmolLM2-135M, configs/demo.yaml with {SEQUENCES} x 128 calibration tokens (batch 2), "
+             f"search.max_steps=3, 2 evaluator actors x 1 CPU, fp32, cold run directories, "
+             f"{time.strftime('%Y-%m-%d')}, this machine. Racing: every candidate on the first {ROUND1} windows, the "
+             f"best 3 and any within the margin (at least 0.01 in log-perplexity, else 3 x the spread of round 1's "
+             f"errors) on all {SEQUENCES}. Tokens: what the evaluators forwarded on calibration windows, from each "
+             "run's cache. Held-out: 16 x 256 tokens.", "",
+             "| campaign | path | calibration ppl per step | held-out ppl | tokens forwarded | round 2 entrants / "
+             "candidates | wall |", "|---|---|---|---:|---:|---:|---:|"]
     for r in (exact, raced, audited):
+        if r is None:
+            continue
         race = r["racing"]
         entrants = f"{race['finalists']} / {race['candidates']}" if race else "all"
         lines.append(f"| {r['name']} | {', '.join(f'{k}{l}' for k, l in r['steps'])} | "
-                     f"{', '.join(f'{p:.3f}' for p in r['ppl'])} | {r['tokens']:,} | {entrants} | {r['wall']:.0f} s |")
+                     f"{', '.join(f'{p:.3f}' for p in r['ppl'])} | {r['heldout']:.3f} | {r['tokens']:,} | {entrants} | "
+                     f"{r['wall']:.0f} s |")
     same = raced["steps"] == exact["steps"]
-    lines += ["", f"Racing took {'the same' if same else 'a DIFFERENT'} path as the exact steps and forwarded "
+    if audited is None:
+        audit = "no audit was needed."
+    else:
+        audit = f"the audit found {len(changed)} changed decision(s)" + ("." if not changed else ": " + "; ".join(
+            f"{c['label']}: racing {c['changed']['racing_ppl']:.3f} vs exact {c['changed']['exact_ppl']:.3f}"
+            for c in changed) + ".")
+    lines += ["", f"Racing took {'the same path as' if same else 'another path than'} the exact steps and forwarded "
               f"{exact['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs {exact['tokens']:,}); "
-              f"the audit found {len(changed)} changed decision(s)"
-              + ("." if not changed else ": " + "; ".join(
-                  f"{c['label']}: racing {c['changed']['racing_ppl']:.3f} vs exact {c['changed']['exact_ppl']:.3f}"
-                  for c in changed) + ".")]
+              + audit]
     write_section(MARKER, lines)
 
 
