@@ -20,6 +20,8 @@ and removing everything reaches the target; :meth:`MaskSpace.problems` checks bo
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Literal, Mapping, Sequence
 
@@ -155,6 +157,31 @@ class MaskSpace:
             out[name] = min(fine, key=lambda v: (abs(v - want), -v))
             removed += c.removed(out[name])
         return {c.name: out[c.name] for c in self.choices}
+
+    def repair_order(self, proposed: Mapping[str, int], harm: Mapping[str, float], tiebreak: Sequence[str]) -> list[str]:
+        """The order in which :meth:`repair` should visit the choices, by a prior: ``harm`` (choice
+        name -> how much removing it alone hurts, e.g. its single-removal perplexity; missing or NaN:
+        unknown, ranked between the known ones by ``tiebreak``'s order).
+
+        Repair adjusts the choices it visits last. A proposal that removes too much is brought down
+        by restoring the most harmful removals: they are visited last. One that removes too little is
+        brought up by removing the least harmful blocks: they are visited last. A proposal already in
+        the band is visited in any order (repair changes nothing)."""
+        removed = self.removal({c.name: self._snap(c, proposed[c.name]) for c in self.choices})
+        known = sorted(v for v in harm.values() if math.isfinite(v))
+        middle = known[len(known) // 2] if known else 0.0
+        rank = {name: i for i, name in enumerate(tiebreak)}
+
+        def key(name: str) -> tuple[float, int]:
+            value = harm.get(name, math.nan)
+            return (value if math.isfinite(value) else middle), rank.get(name, 0)
+
+        order = sorted((c.name for c in self.choices), key=key)  # least harmful first
+        return order if not self._below_top(removed) else order[::-1]
+
+    @staticmethod
+    def _snap(c: Choice, value: int) -> int:
+        return min(c.levels, key=lambda v: (abs(v - int(value)), -v))
 
     def largest_step(self) -> int:
         """Parameters of the largest change between neighbouring levels of any choice."""

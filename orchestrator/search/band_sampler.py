@@ -2,8 +2,12 @@
 
 Every parameter of the mask space is sampled at once, in ``sample_relative``: the wrapped sampler's
 relative proposal (multivariate TPE, NSGA-II's offspring), completed by its independent sampling
-for the parameters it left out, then repaired by :meth:`search_spaces.mask_space.MaskSpace.repair`
-in an order shuffled per trial (seeded by the seed and the trial number). So the parameters Optuna
+for the parameters it left out, then repaired by :meth:`search_spaces.mask_space.MaskSpace.repair`.
+With a prior (``prior``: each choice's single-removal perplexity, from the cache) the repair restores
+the most harmful removals first when a proposal removes too much and removes the least harmful
+blocks first when it removes too little (:meth:`~search_spaces.mask_space.MaskSpace.repair_order`);
+without one, or between choices the prior does not know, in an order shuffled per trial (seeded by
+the seed and the trial number). So the parameters Optuna
 stores for a trial are exactly the mask that gets evaluated, and the samplers learn from what was
 really measured. Enqueued trials (``enqueue_trial``) bypass every sampler; the searcher checks them.
 """
@@ -36,10 +40,12 @@ def distributions(space: MaskSpace) -> dict[str, BaseDistribution]:
 class BandSampler(BaseSampler):
     """Samples with ``base`` and repairs every trial into ``space``'s band (see module docstring)."""
 
-    def __init__(self, base: BaseSampler, space: MaskSpace, seed: int = 0) -> None:
+    def __init__(self, base: BaseSampler, space: MaskSpace, seed: int = 0,
+                 prior: dict[str, float] | None = None) -> None:
         self.base = base
         self.space = space
         self.seed = seed
+        self.prior = dict(prior or {})
         self._distributions = distributions(space)
 
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -56,6 +62,8 @@ class BandSampler(BaseSampler):
                 proposed[name] = self.base.sample_independent(study, trial, name, distribution)
         order = list(self._distributions)
         random.Random(f"{self.seed}:{trial.number}").shuffle(order)
+        if self.prior:
+            order = self.space.repair_order(proposed, self.prior, order)
         return self.space.repair(proposed, order)
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,

@@ -6,7 +6,8 @@ The search runs in two phases inside one campaign:
    observed like any greedy campaign (its evaluations land in the same cache). Its final mask is
    enqueued as the study's first trial, so the best trial is never worse than greedy, and the band
    then starts at its ratio (same width): no trial removes less than greedy did, so a better trial
-   is never better just for removing less.
+   is never better just for removing less. Its first step scored every single removal: that is the
+   prior by which proposals are repaired into the band (``BandSampler``).
 2. The study: each ``suggest()`` asks up to ``batch`` trials (define-by-run: one integer per
    block, see :mod:`search_spaces.mask_space`), each repaired into the ratio band by
    :class:`~.band_sampler.BandSampler`; ``observe()`` tells them (NaN/inf: a failed trial, with a
@@ -122,7 +123,7 @@ class OptunaSearcher(Searcher):
                                     sampler=optuna.samplers.RandomSampler(self.seed), load_if_exists=True)
         trials = study.get_trials(deepcopy=False)
         # Reseeded by history: a resumed study does not replay the draws it started with.
-        study.sampler = BandSampler(self._base_sampler(self.seed + len(trials)), self.space, self.seed)
+        study.sampler = BandSampler(self._base_sampler(self.seed + len(trials)), self.space, self.seed, self._prior())
         self._study = study
         self._n_sampled = sum(t.user_attrs.get("origin") == "sampler" for t in trials)
         for t in trials:  # left running by a stopped campaign: propose again (the cache may hold them)
@@ -145,6 +146,17 @@ class OptunaSearcher(Searcher):
         study.add_trials(seeds)
         if self._greedy_mask is not None:
             study.enqueue_trial(self.space.params(self._greedy_mask), user_attrs={"origin": "blockpruner"})
+
+    def _prior(self) -> dict[str, float]:
+        """Each choice's single-removal perplexity, where the cache or the warm start has it: the
+        order in which the repair restores or removes blocks (``BandSampler``)."""
+        full = {c.name: c.full for c in self.space.choices}
+        prior = {}
+        for c in self.space.choices:
+            ppl = self._known.get(self.space.mask({**full, c.name: 0}))
+            if ppl is not None:
+                prior[c.name] = ppl
+        return prior
 
     def _raise_floor(self) -> None:
         """After the warm start, the band starts at the greedy mask's ratio (same width): every trial

@@ -139,3 +139,6 @@ def test_after_the_warm_start_no_trial_removes_less_than_greedy():
     assert len(study) == 30 and all(ratio(m, SMOL) >= greedy - 1e-9 for m in study)
     low, high = searcher.summary()["band"]
     assert low == pytest.approx(greedy) and high - low == pytest.approx(searcher.space.tolerance)
+    # The warm start's first step scored every single removal: the repair's prior.
+    prior = searcher._study.sampler.prior
+    assert len(prior) == 60 and prior["attn_0"] == fake_ppl(Mask(attn_removed={0}))

@@ -72,3 +72,29 @@ def test_problems_name_the_fix():
     assert len(problems) == 1 and "search.warm_start=none" in problems[0]
     with pytest.raises(ValueError, match="repair order"):
         MaskSpace(SMOL, 0.1).repair({}, ["attn_0"])
+
+
+def test_a_prior_repairs_by_harm_restoring_the_worst_and_removing_the_mildest():
+    """Harm: removing layer l's block costs l (attention) or 100 + l (MLP): attention blocks of early
+    layers are the mildest. Too much removed: the most harmful removals are restored. Too little:
+    the mildest blocks are removed. Unknown choices rank in the middle."""
+    space = MaskSpace(SMOL, 0.1)
+    harm = {c.name: (c.layer if c.kind == "attn" else 100 + c.layer) for c in space.choices}
+    full = {c.name: c.full for c in space.choices}
+    tiebreak = [c.name for c in space.choices]
+
+    over = {**full, **{f"attn_{l}": 0 for l in range(30)}, "mlp_29": 0, "mlp_28": 0}  # far past the top
+    repaired = space.repair(over, space.repair_order(over, harm, tiebreak))
+    mask = space.mask(repaired)
+    assert space.contains(mask)
+    assert not mask.mlp_removed  # both MLP removals (the most harmful) were restored first ...
+    assert mask.attn_removed == set(range(len(mask.attn_removed)))  # ... then the latest attention layers
+
+    under = dict(full)  # nothing removed: the mildest blocks are removed until the floor
+    mask = space.mask(space.repair(under, space.repair_order(under, harm, tiebreak)))
+    assert space.contains(mask) and not mask.mlp_removed
+    assert mask.attn_removed == set(range(len(mask.attn_removed)))  # early attention layers first
+
+    unknown = {k: v for k, v in harm.items() if k != "attn_0"}  # attn_0 unknown: ranked mid-way
+    order = space.repair_order(under, unknown, tiebreak)
+    assert order[-1] == "attn_1" and abs(order.index("attn_0") - len(order) // 2) <= 1
