@@ -70,10 +70,11 @@ def _log_probs(decoder: LeanDecoder, h: torch.Tensor) -> torch.Tensor:
 def kl_sum(decoder: LeanDecoder, h: torch.Tensor, reference: DenseReference) -> tuple[float, int]:
     """Summed per-token KL(dense || masked) (float64) of final streams ``h`` (B, T, H) against the
     reference rows of the same windows, and the number of positions; the head runs in chunks."""
-    h = h.to(decoder.lm_head.weight.device)
+    device = decoder.lm_head.weight.device  # where the logits are: the final norm may sit on another GPU
+    h = h.to(device)
     x = decoder.final_norm(h[:, :-1]).reshape(-1, h.shape[-1])  # (B*(T-1), H)
-    ref = reference.logp.to(x.device).reshape(x.shape[0], -1)  # (B*(T-1), V or K)
-    index = None if reference.index is None else reference.index.to(x.device).reshape(x.shape[0], -1)
+    ref = reference.logp.to(device).reshape(x.shape[0], -1)  # (B*(T-1), V or K)
+    index = None if reference.index is None else reference.index.to(device).reshape(x.shape[0], -1)
     total = 0.0
     for start in range(0, x.shape[0], LOSS_CHUNK_TOKENS):
         chunk = slice(start, start + LOSS_CHUNK_TOKENS)

@@ -263,3 +263,50 @@ def _request(context: str, continuation: str):
     from lm_eval.api.instance import Instance
 
     return Instance("loglikelihood", {}, (context, continuation), 0)
+
+
+# ---- a SPRINT step spread over window shards, and KL fitness: bf16 replicas over 2 GPUs --------------
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_sprint_phases_and_kl_on_a_bf16_replica_over_two_gpus(checkpoints, tmp_path, tied):
+    """What a GPU user's pool runs: ``sprint_shard`` / ``sprint_solve`` on two window shards (the
+    refit sums summed on the driver, solved on the replica, weights read back from files) and
+    ``evaluate(fitness="kl")`` per shard, on a bf16 replica over 2 emulated GPUs: the numbers of a
+    bf16 CPU replica running the whole step in one call."""
+    from orchestrator.rundir import StepStore
+    from orchestrator.sprint_pool import PoolStep
+    from search_spaces.latency import BlockCosts
+    from search_spaces.sprint import StepRequest, present_blocks
+    from tests.orchestrator.test_sprint_pool import InProcessPool
+
+    path = checkpoints("llama", tied)
+    windows = {"calibration": _windows(8, 20, 9)}
+    request = StepRequest("calibration", Mask(), candidates=tuple(present_blocks(Mask(), LAYERS)),
+                          costs=BlockCosts(0.2, 0.1, 0.25), top_k=3, ridge=0.1, checkpoint_every=1)
+    reference = Evaluator(model=path, windows=windows, batch_size=2, dtype="bfloat16", device_map=None)
+    whole = PoolStep(InProcessPool([reference]), StepStore(tmp_path / "one"), num_layers=LAYERS,
+                     n_windows={"calibration": 8}, batch_size=2, timeout_s=60).run(request)
+    masks = [Mask().to_json(), MASKS[1].to_json()]
+    kl_expected = reference.evaluate("calibration", masks, Mask().to_json(), fitness="kl:16")
+    with emulated_gpus(2):
+        evaluator = Evaluator(model=path, windows=windows, batch_size=2, dtype="bfloat16",
+                              device_map=accelerate_map(2, tied))
+        assert device_of(evaluator.model.model.layers[3].mlp.down_proj.weight) == "cuda:1"
+        # The same replica holds both shards: the memo keeps one shard's streams, the other walks again.
+        pool = PoolStep(InProcessPool([evaluator, evaluator]), StepStore(tmp_path / "two"), num_layers=LAYERS,
+                        n_windows={"calibration": 8}, batch_size=2, timeout_s=60)
+        sharded = pool.run(request)
+        kl_shards = [evaluator.evaluate("calibration", masks, Mask().to_json(), rows, fitness="kl:16")
+                     for rows in ((0, 4), (4, 8))]
+    assert sharded["shards"] == 2 and sharded["tokens"] == whole["tokens"]
+    assert sharded["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-5)
+    for s, value in whole["sensitivity"].items():
+        assert sharded["sensitivity"][s] == pytest.approx(value, rel=1e-4, abs=1e-6), s
+    assert sharded["top"] == whole["top"] and sharded["choice"]["block"] == whole["choice"]["block"]
+    assert [t["status"] for t in sharded["tuned"]] == [t["status"] for t in whole["tuned"]]
+    assert whole["choice"]["weight"] is not None, "the choice needed no refit: nothing compared"
+    np.testing.assert_allclose(sharded["choice"]["weight"], whole["choice"]["weight"], rtol=1e-3, atol=1e-4)
+    assert all(abs(k[0]["nll_sum"]) < 1e-6 for k in kl_shards)  # the dense model's KL to itself
+    assert kl_expected[1]["nll_sum"] > 1e-3
+    for i, expected in enumerate(kl_expected):
+        assert sum(k[i]["nll_sum"] for k in kl_shards) == pytest.approx(expected["nll_sum"], rel=1e-5, abs=1e-6)
+        assert sum(k[i]["tokens"] for k in kl_shards) == expected["tokens"]
