@@ -207,13 +207,11 @@ class Evaluator:
         - ``rescore`` (payload ``weights``: candidate -> sha of its refitted weight, with a source):
           ``sensitivity`` of those candidates with their refits.
         """
-        import time as _time
-
         import torch
 
         from .sprint import StepWork
 
-        t0 = _time.perf_counter()
+        t0 = time.perf_counter()
         weights = {int(s): sha for s, sha in (payload or {}).get("weights", {}).items()}
         req, missing = self._sprint_setup(request, sources, set(weights.values()))
         if missing:
@@ -238,7 +236,7 @@ class Evaluator:
                 self._sprint_memo.drop_step()  # the step's last phase
             else:
                 raise ValueError(f"unknown SPRINT phase {phase!r}; use scores, moments or rescore")
-        return {**out, "seconds": _time.perf_counter() - t0, "worker": self.worker}
+        return {**out, "seconds": time.perf_counter() - t0, "worker": self.worker}
 
     def sprint_solve(self, request: Mapping[str, Any], sources: Mapping[str, Any], block: int,
                      moments: Mapping[str, Any]) -> dict[str, Any]:

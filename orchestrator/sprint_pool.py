@@ -68,7 +68,6 @@ class PoolStep:
         self.dispatcher, self.store, self.num_layers = dispatcher, store, num_layers
         self.sources = WeightSources(store)
         self.n_windows, self.batch_size, self.timeout_s = dict(n_windows), batch_size, timeout_s
-        self.calls = 0  # remote calls made (phases, solves, retries for weights by reference)
 
     def shards(self, window_set: str) -> list[tuple[int, int]]:
         """One window range per replica, cut at batch boundaries (one range: run the step whole)."""
@@ -111,7 +110,6 @@ class PoolStep:
     def _whole(self, body: dict[str, Any], shas: list[str]) -> dict[str, Any]:
         """The step as one ``sprint_step`` call (the dispatcher's ``call``: retried like any task)."""
         while True:
-            self.calls += 1
             out = self.dispatcher.call("sprint_step", body, self.sources.paths(shas), timeout_s=self.timeout_s)
             if not out.get("need_weights"):
                 return out
@@ -167,7 +165,6 @@ class PoolStep:
             need: set[str] = set()
             pending = []
             for outcome in self.dispatcher.run(list(tasks.values())):
-                self.calls += 1
                 i = ids[id(outcome.task)]
                 if outcome.error is not None:
                     raise RuntimeError(f"{tasks[i].method} failed {self.dispatcher.max_attempts} times "
