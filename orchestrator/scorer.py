@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from search_spaces import Arch, Mask, mask_key, param_count, perplexity, rank_value, ratio
@@ -49,9 +49,34 @@ class Counters:
     cached: int = 0  # masks answered from the cache
     failed: int = 0  # masks given up after max_attempts
     seconds: float = 0.0
+    tokens_evaluated: int = 0  # tokens of the rows the evaluators computed in this session
+    tokens_cached: int = 0  # tokens of the rows served from the cache (computed by an earlier run)
+    # tokens of the rows used (computed or served) per window set: calibration, evaluation, ...
+    tokens_by_set: dict[str, int] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, int]:
-        return {"evaluated": self.evaluated, "cached": self.cached, "failed": self.failed}
+    def served(self, row: Mapping[str, Any], window_set: str) -> None:
+        """Count one row of ``window_set`` served from the cache."""
+        self.cached += 1
+        self.tokens_cached += self._used(int(row.get("tokens") or 0), window_set)
+
+    def computed(self, tokens: int, window_set: str) -> None:
+        """Count the tokens of one row of ``window_set`` an evaluator computed."""
+        self.tokens_evaluated += self._used(tokens, window_set)
+
+    def _used(self, tokens: int, window_set: str) -> int:
+        name = window_set.split("[", 1)[0]  # a segment counts for the set it is cut from
+        self.tokens_by_set[name] = self.tokens_by_set.get(name, 0) + tokens
+        return tokens
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of every row the campaign used: its compute, whichever run did it."""
+        return self.tokens_evaluated + self.tokens_cached
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"evaluated": self.evaluated, "cached": self.cached, "failed": self.failed,
+                "tokens_evaluated": self.tokens_evaluated, "tokens_cached": self.tokens_cached,
+                "tokens_by_set": dict(self.tokens_by_set)}
 
 
 class MaskShards:
@@ -120,7 +145,7 @@ class Scorer:
                              calibration_fp=self.fingerprints[window_set])
         if row is None:
             return None
-        self.counters.cached += 1
+        self.counters.served(row, window_set)
         return row["ppl"]
 
     def known(self, window_set: str = "calibration", fitness: str = "ppl") -> dict[Mask, float]:
@@ -149,7 +174,7 @@ class Scorer:
                 todo.append(mask)
             else:
                 scores[mask] = row["ppl"]
-                self.counters.cached += 1
+                self.counters.served(row, window_set)
         total = len(scores) + len(todo)
         # A bar on a terminal; one log line per result where nobody watches a bar (ray job logs, CI).
         bar_on = self.progress and sys.stderr.isatty()
@@ -281,6 +306,8 @@ class Scorer:
             ppl, nll, tokens, seconds, worker = math.nan, math.nan, 0, 0.0, ""
         else:
             self.counters.evaluated += count
+            if count:
+                self.counters.computed(int(row["tokens"]), window_set)
             nll, tokens, seconds, worker = row["nll_sum"], row["tokens"], row.get("seconds"), row.get("worker")
             ppl = perplexity(nll, tokens)
         model_fp = model_fingerprint or self.model_fingerprint

@@ -112,8 +112,9 @@ class SprintRun:
             result = _jsonable(raw)
             self.store.put(key, result)
             scorer.counters.evaluated += 1
+            scorer.counters.computed(int(result["tokens"]), request.window_set)
         else:
-            scorer.counters.cached += 1
+            scorer.counters.served(result, request.window_set)
         ppl = perplexity(result["nll_sum"], result["tokens"])
         if not in_cache:
             scorer.record(request.mask, request.window_set, result, None, model_fingerprint=model_fp,

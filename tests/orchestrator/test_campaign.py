@@ -64,6 +64,13 @@ def test_campaign_matches_in_process_greedy_and_resumes(ray_session, tiny_setup)
     second = Campaign(make_config(tiny_setup, "resume", **{"search.max_steps": 4}), progress=False).run()
     assert second.counters.evaluated == 5 + 1  # step 4's candidates + held-out of the new final mask
     assert second.counters.cached == 1 + 8 + 7 + 6 + 1  # steps 1-3 and held-out dense
+    # Token accounting: a row's tokens count once, as computed (first run) or served (second run).
+    calibration_row = 4 * 23  # 4 windows of 24 tokens, 23 predicted each
+    heldout_row, rest = divmod(first.counters.tokens_evaluated - 22 * calibration_row, 2)  # dense and final
+    assert heldout_row > 0 and rest == 0 and first.counters.tokens_cached == 0
+    assert second.counters.tokens_cached == 22 * calibration_row + heldout_row
+    assert second.counters.tokens_evaluated == 5 * calibration_row + heldout_row
+    assert second.counters.tokens_by_set == {"calibration": 27 * calibration_row, "evaluation": 2 * heldout_row}
     assert [(s.kind, s.layer) for s in second.searcher.path[:3]] == [(s.kind, s.layer) for s in first.searcher.path]
 
 

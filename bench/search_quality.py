@@ -1,0 +1,190 @@
+"""Benchmark: which search finds the best mask at a given ratio, and what it costs (issue "Search beyond greedy").
+
+    .venv/bin/python bench/search_quality.py                 # every entry not measured yet, then the table
+    .venv/bin/python bench/search_quality.py --only evolution@0.11 --fresh
+
+SmolLM2-135M, configs/demo.yaml with 32 x 128 calibration tokens (4,096; batch 2) and the demo's
+16 x 256 held-out tokens, 2 evaluator actors x 1 CPU, fp32. Each entry is one campaign in its own run
+directory ``runs/bench-quality/<entry>``, run in its own process (the code of the moment), and its
+figures are kept in ``result.json`` there: a rerun measures only what is missing, so the hours this
+takes on 2 cores can be spread over several sittings.
+
+Work shared between entries is reused, not repeated, and still counted:
+
+- ``donor``: the entry's cache starts as a copy of the donor's (a greedy run to a lower ratio is the
+  prefix of the one to a higher ratio; a warm-started search starts from greedy's run at its ratio);
+- tokens: every calibration row the campaign used, computed or served from that copy
+  (``Counters.tokens_by_set``): the compute the method needs from a cold start;
+- wall: this campaign's, plus its donor's (whose work it reused).
+
+Section ``<!-- search-quality -->`` of bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from results import write_section
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "runs" / "bench-quality"
+MARKER = "<!-- search-quality -->"
+SEQUENCES, LENGTH, BATCH, ACTORS = 32, 128, 2, 2
+RATIOS = (0.11, 0.22)
+COMMON = [f"data.calibration={{sequences: {SEQUENCES}, length: {LENGTH}, seed: 0}}", f"search.batch_size={BATCH}",
+          "export=false"]
+RACING = ["search.racing.windows=4", "search.racing.keep=3"]
+EVOLUTION = ["search.method=evolution", "search.evolution.offspring=16", "search.evolution.first_windows=4",
+             "search.evolution.survivors=2", "search.evolution.generations=60"]
+TPE = ["search.method=optuna", "search.sampler=tpe", "search.warm_start=blockpruner", "search.trials=64"]
+KL = ["search.fitness=kl"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    method: str  # the table's name
+    ratio: float
+    overrides: tuple[str, ...] = ()
+    donor: str | None = None  # an entry whose cache this one starts from (its work is reused and counted)
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}@{self.ratio}"
+
+
+def entries() -> list[Entry]:
+    """In the order they run: every method at the low ratio first (the high one reuses it)."""
+    out: list[Entry] = []
+    for low, ratio in zip((None, *RATIOS), RATIOS):
+        out += [
+            Entry("blockpruner", ratio, donor=low and f"blockpruner@{low}"),
+            Entry("evolution", ratio, tuple(EVOLUTION), donor=f"blockpruner@{ratio}"),
+            Entry("racing", ratio, tuple(RACING), donor=low and f"racing@{low}"),
+            Entry("tpe", ratio, tuple(TPE), donor=f"blockpruner@{ratio}"),
+            Entry("evolution+widths", ratio, (*EVOLUTION, "search.widths=true"), donor=f"blockpruner@{ratio}"),
+            Entry("blockpruner kl", ratio, tuple(KL), donor=low and f"blockpruner kl@{low}"),
+            Entry("evolution kl", ratio, (*EVOLUTION, *KL), donor=f"blockpruner kl@{ratio}"),
+            Entry("multipruner", ratio, ("search.method=multipruner",)),
+        ]
+    return out
+
+
+def directory(name: str) -> Path:
+    return RUNS / name.replace(" ", "-").replace("@", "-at-")
+
+
+def result(name: str) -> dict | None:
+    file = directory(name) / "result.json"
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def measure(entry: Entry) -> dict:
+    """Run one entry's campaign (in this process) and keep its figures in ``result.json``."""
+    from orchestrator.campaign import Campaign
+    from orchestrator.config_load import load_config
+
+    run_dir = directory(entry.name)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    donor = result(entry.donor) if entry.donor else None
+    if entry.donor:
+        if donor is None:
+            raise SystemExit(f"{entry.name} starts from {entry.donor}, which has not run yet: run it first")
+        shutil.copytree(directory(entry.donor) / "evals", run_dir / "evals")
+    config = load_config(ROOT / "configs" / "demo.yaml", [
+        f"name=bench-quality-{run_dir.name}", f"output={run_dir}", f"cluster.actors={ACTORS}",
+        f"search.target_ratio={entry.ratio}", *COMMON, *entry.overrides])
+    t0 = time.perf_counter()
+    outcome = Campaign(config, progress=False).run()
+    wall = time.perf_counter() - t0
+    path = json.loads((run_dir / "path.json").read_text())
+    last = path["steps"][-1]
+    search = json.loads((run_dir / "search.json").read_text()) if (run_dir / "search.json").exists() else {}
+    figures = {
+        "method": entry.method, "ratio_target": entry.ratio, "donor": entry.donor,
+        "ratio": last["ratio"], "calibration": last["ppl"], "heldout": path["heldout"]["pruned_ppl"],
+        "heldout_greedy": path["heldout"].get("greedy_ppl"), "dense_heldout": path["heldout"]["dense_ppl"],
+        "tokens": outcome.counters.tokens_by_set.get("calibration", 0), "wall_own": wall,
+        "wall": wall + (donor["wall"] if donor else 0.0), "mask": path_mask(path),
+        "evolution": {k: search["evolution"][k] for k in ("generations", "evaluations", "greedy_ppl", "best_ppl")}
+        if search.get("evolution") else None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    (run_dir / "result.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def path_mask(path: dict) -> str:
+    from orchestrator.rundir import final_mask
+
+    mask = final_mask(path)
+    widths = len(mask.head_units) + len(mask.mlp_width)
+    return (f"{len(mask.attn_removed)} attn + {len(mask.mlp_removed)} MLP removed"
+            + (f", {widths} narrowed" if widths else ""))
+
+
+def write_table() -> None:
+    rows = [(e, result(e.name)) for e in entries()]
+    done = [(e, r) for e, r in rows if r]
+    lines = ["## Search quality: every method at about 11% and 22% (`bench/search_quality.py`)", "",
+             f"SmolLM2-135M, configs/demo.yaml with {SEQUENCES} x {LENGTH} calibration tokens ({SEQUENCES * LENGTH:,}; "
+             f"batch {BATCH}), held-out 16 x 256 tokens, {ACTORS} evaluator actors x 1 CPU, fp32, this machine "
+             "(2 cores). Racing: round 1 on 4 windows, the best 3 (and any within the margin) on all 32. TPE: 64 "
+             "trials, warm-started from BlockPruner's mask, proposals kept at or above its ratio. Evolution: 16 "
+             "offspring per generation on 4 windows, the best 2 on all 32, 60 generations, from BlockPruner's "
+             "mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "
+             "KL(dense || mask) per token, perplexity reported. Tokens: calibration tokens of every row the "
+             "campaign used, including its warm start's (the compute from a cold start). Wall: the campaign's, "
+             "plus the run it reused (the warm start, or the same greedy search to the lower ratio).", "",
+             "| ratio | method | ratio reached | mask | calibration ppl | held-out ppl | tokens | wall |",
+             "|---:|---|---:|---|---:|---:|---:|---:|"]
+    for entry, r in done:
+        calibration = (f"exp(KL) {r['calibration']:.4f}" if "kl" in entry.method else f"{r['calibration']:.3f}")
+        lines.append(f"| {entry.ratio:.2f} | {entry.method} | {r['ratio']:.4f} | {r['mask']} | {calibration} | "
+                     f"{r['heldout']:.3f} | {r['tokens']:,} | {r['wall'] / 60:.1f} min |")
+    for ratio in RATIOS:
+        greedy, evo = result(f"blockpruner@{ratio}"), result(f"evolution@{ratio}")
+        if greedy and evo:
+            gain = greedy["heldout"] - evo["heldout"]
+            lines += ["", f"At {ratio:.2f}, evolution on blocks {'beat' if gain > 0 else 'did not beat'} BlockPruner "
+                      f"on held-out text: {evo['heldout']:.3f} vs {greedy['heldout']:.3f} ({gain:+.3f}), with "
+                      f"{evo['tokens'] / greedy['tokens']:.2f}x BlockPruner's tokens ({evo['tokens']:,}); on the "
+                      f"calibration windows {evo['calibration']:.3f} vs {greedy['calibration']:.3f}."]
+    missing = [e.name for e, r in rows if not r]
+    if missing:
+        lines += ["", "Not measured yet: " + ", ".join(missing) + "."]
+    write_section(MARKER, lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated entries, e.g. 'evolution@0.11' (default: every one)")
+    parser.add_argument("--fresh", action="store_true", help="measure again entries that have a result")
+    parser.add_argument("--entry", help=argparse.SUPPRESS)  # one entry, in this process
+    args = parser.parse_args()
+    by_name = {e.name: e for e in entries()}
+    if args.entry:
+        figures = measure(by_name[args.entry])
+        print(json.dumps(figures))
+        return
+    wanted = args.only.split(",") if args.only else list(by_name)
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown entries {unknown}; the entries are: {', '.join(by_name)}")
+    for name in wanted:
+        if result(name) is not None and not args.fresh:
+            continue
+        print(f"=== {name}", flush=True)
+        subprocess.run([sys.executable, __file__, "--entry", name], check=True)
+        write_table()
+    write_table()
+
+
+if __name__ == "__main__":
+    main()
