@@ -27,7 +27,7 @@ import yaml
 
 from search_spaces import Arch, UnsupportedArchitecture
 from search_spaces.budget import check_multipruner, family_defaults
-from search_spaces.mask_space import check_optuna
+from search_spaces.mask_space import MaskSpace, check_optuna
 
 from .config import Config, ConfigError
 from .config_checks import SCHEMA, BadValue, Section
@@ -239,6 +239,9 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
                                                                                                   "multipruner"):
         problems.append(f"search.racing.windows: racing applies to blockpruner and multipruner, not {method}; "
                         f"remove it, or use search.method=blockpruner")
+    if valid.get("search.widths") and method is not None and method not in ("optuna", "evolution"):
+        problems.append(f"search.widths: per-layer widths are searched by optuna and evolution, not {method} "
+                        f"(multipruner narrows layers in its own stages); remove it, or use search.method=evolution")
     if valid.get("search.fitness") == "kl" and method == "sprint":
         problems.append("search.fitness: kl does not apply to sprint, which ranks blocks by local sensitivity; "
                         "remove it, or use another search.method")
@@ -249,6 +252,10 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
             problems.extend(_multipruner_problems(valid, arch))
         if arch is not None and valid.get("search.method") == "optuna":
             problems.extend(_optuna_problems(valid, arch))
+        if arch is not None and valid.get("search.method") == "evolution" and valid.get("search.widths"):
+            problems.extend(MaskSpace(arch, 0.5, widths=True, head_group=valid.get("search.head_group") or 1,
+                                      mlp_group=valid.get("search.mlp_group") or family_defaults(arch).mlp_group
+                                      ).group_problems())
     output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
     if output is not None and (problem := _output_problem(output)):
         problems.append(problem)

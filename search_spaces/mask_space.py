@@ -189,15 +189,7 @@ class MaskSpace:
 
     def problems(self) -> list[str]:
         """Why the band cannot always be met (empty: :meth:`repair` never fails), each with its fix."""
-        out = []
-        head_group, mlp_group = self._groups
-        units, width = self.arch.num_head_units, self.arch.intermediate_size
-        if self.widths and (head_group < 1 or units % head_group):
-            out.append(f"search.head_group {head_group} does not divide the {units} head units of a layer; "
-                       f"use a divisor of {units}, e.g. search.head_group=1")
-        if self.widths and (not mlp_group or mlp_group < 1 or width % mlp_group):
-            out.append(f"search.mlp_group {mlp_group} does not divide the MLP width {width}; use a divisor, "
-                       f"e.g. search.mlp_group={width // 6 if width % 6 == 0 else 1}")
+        out = self.group_problems()
         most = sum(c.removal[0] for c in self.choices) / self.dense
         if most < self.target_ratio:
             out.append(f"search.target_ratio {self.target_ratio:g} cannot be reached: removing every block removes "
@@ -209,6 +201,18 @@ class MaskSpace:
                        f"search.ratio_tolerance={step:.4f} or more (or null: {largest_block_share(self.arch):.4f})")
         return out
 
+    def group_problems(self) -> list[str]:
+        """Group sizes that do not divide a layer's width (with widths), each with its fix."""
+        out: list[str] = []
+        head_group, mlp_group = self._groups
+        units, width = self.arch.num_head_units, self.arch.intermediate_size
+        if self.widths and (head_group < 1 or units % head_group):
+            out.append(f"search.head_group {head_group} does not divide the {units} head units of a layer; "
+                       f"use a divisor of {units}, e.g. search.head_group=1")
+        if self.widths and (not mlp_group or mlp_group < 1 or width % mlp_group):
+            out.append(f"search.mlp_group {mlp_group} does not divide the MLP width {width}; use a divisor, "
+                       f"e.g. search.mlp_group={width // 6 if width % 6 == 0 else 1}")
+        return out
 
 def check_optuna(arch: Arch, target_ratio: float, tolerance: float | None, *, widths: bool, mlp_group: int,
                  head_group: int, warm_start: str) -> list[str]:

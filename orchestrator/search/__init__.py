@@ -92,12 +92,16 @@ def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = N
                               max_steps=search.max_steps, top_k=s.top_k, ridge=s.ridge,
                               checkpoint_every=s.checkpoint_every)
     if search.method == "evolution":
+        from search_spaces.budget import family_defaults
+
         from .evolution import EvolutionSearcher
 
         e = search.evolution
         return EvolutionSearcher(arch, search.target_ratio, offspring=e.offspring, generations=e.generations,
                                  max_swaps=e.max_swaps, seed=search.seed, max_evaluations=e.max_evaluations,
-                                 first_windows=e.first_windows, survivors=e.survivors, known=known)
+                                 first_windows=e.first_windows, survivors=e.survivors, widths=search.widths,
+                                 mlp_group=search.mlp_group or family_defaults(arch).mlp_group,
+                                 head_group=search.head_group or 1, known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 

@@ -20,17 +20,27 @@ The path is BlockPruner's, followed by one step of kind ``trial`` (``layer`` = g
 improvement of the parent; ``references()`` has the greedy mask scored on the held-out windows too.
 With ``first_windows``, selection runs in two steps, as EvoPress's does: every offspring is scored on
 the first ``first_windows`` calibration windows, the ``survivors`` best of them on all windows.
-Not yet here (issue "Search beyond greedy"): KL fitness, widths.
+
+With ``widths`` (after Týr-the-Pruner), every block has a level (groups of head units or MLP
+channels kept; 0: removed) and a mutation moves levels between layers of one kind
+(:func:`search_spaces.evolution_levels.mutate_levels`): the greedy mask is a point of that space (its
+blocks at level 0 or full) and the offspring stay at its ratio to within the norms of the blocks
+that reach or leave level 0, never below it by more nor below the target. The fitness is whatever
+the campaign scores with (perplexity, or KL to the dense model): the searcher only ranks.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from typing import Any, Mapping
 
 from search_spaces import Arch, Mask, param_count, rank_value, ratio
+from search_spaces.cost import dense_params
 from search_spaces.evolution import EVOPRESS_MAX_SWAPS, default_generations, mutate, swappable
+from search_spaces.evolution_levels import default_level_generations, movable_levels, mutate_levels
+from search_spaces.mask_space import MaskSpace
 
 from .base import Proposal, Searcher, Step
 from .blockpruner import BlockPrunerSearcher
@@ -47,11 +57,15 @@ class EvolutionSearcher(Searcher):
     first ``first_windows`` calibration windows, and only the ``survivors`` best of them on all
     windows (the parent's full score is known), from cached segments of the windows
     (``Proposal.levels``), so a survivor's full score re-forwards nothing.
+
+    ``widths`` searches per-layer levels: head units in groups of ``head_group``, MLP channels in
+    groups of ``mlp_group`` (each must divide its layer's width).
     """
 
     def __init__(self, arch: Arch, target_ratio: float, *, offspring: int = 16, generations: int | None = None,
                  max_swaps: int = EVOPRESS_MAX_SWAPS, seed: int = 0, max_evaluations: int | None = None,
-                 first_windows: int | None = None, survivors: int = 2,
+                 first_windows: int | None = None, survivors: int = 2, widths: bool = False,
+                 mlp_group: int | None = None, head_group: int = 1,
                  known: Mapping[Mask, float] | None = None) -> None:
         if offspring < 1 or max_swaps < 1 or survivors < 1 or any(v is not None and v < 1 for v in (
                 generations, max_evaluations, first_windows)):
@@ -59,6 +73,12 @@ class EvolutionSearcher(Searcher):
                              f"be >= 1; got {offspring}, {max_swaps}, {survivors}, {generations}, {max_evaluations}, "
                              f"{first_windows}")
         self.arch, self.target_ratio = arch, target_ratio
+        self.space: MaskSpace | None = None
+        if widths:
+            self.space = MaskSpace(arch, target_ratio, widths=True, mlp_group=mlp_group, head_group=head_group)
+            if problems := self.space.group_problems():
+                raise ValueError("; ".join(problems))
+        self.min_removed = 0  # offspring remove at least this many parameters (widths; set from the greedy mask)
         self.offspring, self.max_swaps, self.seed = offspring, max_swaps, seed
         self.generations, self.max_evaluations = generations, max_evaluations
         self.first_windows, self.survivors = first_windows, survivors
@@ -117,9 +137,18 @@ class EvolutionSearcher(Searcher):
         self.path, self.dense_ppl = list(greedy.path), greedy.dense_ppl
         self.parent = self.greedy_mask = greedy.current
         self.parent_ppl = self.greedy_ppl = greedy.path[-1].ppl if greedy.path else self._known.get(Mask(), float("nan"))
+        if self.space is not None:
+            # Level swaps move norms in and out (hidden_size each): stay within max_swaps norms of the
+            # greedy count, and never below the target.
+            dense = dense_params(self.arch)
+            greedy_removed = dense - param_count(self.parent, self.arch)
+            self.min_removed = max(math.ceil(self.target_ratio * dense - 1e-9),
+                                   greedy_removed - self.max_swaps * self.arch.hidden_size)
         if self.generations is None:
-            self.generations = default_generations(self.parent, self.arch.num_layers)
-        if not swappable(self.parent, self.arch.num_layers):
+            self.generations = (default_level_generations(self.space, self.parent) if self.space is not None
+                                else default_generations(self.parent, self.arch.num_layers))
+        if (movable_levels(self.space, self.parent) == 0 if self.space is not None
+                else not swappable(self.parent, self.arch.num_layers)):
             log.warning("evolution: the greedy mask %s has nothing to swap; it is the result", self.parent.to_json())
             self.generations = 0
         log.info("evolution from the greedy mask (ppl %.3f, ratio %.4f): %d generations of %d offspring%s",
@@ -137,7 +166,8 @@ class EvolutionSearcher(Searcher):
                                                                           self.max_evaluations - self.evaluations)
         children: list[Mask] = []
         for _ in range(50 * budget):  # a small space may hold fewer distinct neighbours
-            child = mutate(self.parent, self.arch.num_layers, self._rng, self.max_swaps)
+            child = (mutate_levels(self.parent, self.space, self._rng, self.max_swaps, self.min_removed)
+                     if self.space is not None else mutate(self.parent, self.arch.num_layers, self._rng, self.max_swaps))
             if child not in children:
                 children.append(child)
             if len(children) == budget:
@@ -187,7 +217,7 @@ class EvolutionSearcher(Searcher):
     def summary(self) -> dict[str, Any] | None:
         if self.greedy_mask is None:
             return None
-        return {"method": "evolution", "offspring": self.offspring, "max_swaps": self.max_swaps, "seed": self.seed,
+        return {"method": "evolution", "widths": self.space is not None, "offspring": self.offspring, "max_swaps": self.max_swaps, "seed": self.seed,
                 "first_windows": self.first_windows, "survivors": self.survivors if self.first_windows else None,
                 "generations": self.generation, "evaluations": self.evaluations, "greedy_ppl": self.greedy_ppl,
                 "best_ppl": self.parent_ppl, "greedy_mask": self.greedy_mask.to_dict(),

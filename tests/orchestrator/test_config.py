@@ -230,6 +230,18 @@ def test_multipruner_settings_are_checked_against_the_model(write):
         load_config(path, ["search.method=multipruner", "search.split=[0.5, 0.3, 0.1]"])
 
 
+def test_widths_are_for_optuna_and_evolution_and_their_groups_must_divide(write):
+    path = write(GOOD)
+    config = load_config(path, ["search.method=evolution", "search.widths=true"], check_model=lambda m: SMOL)
+    assert config.search.widths and config.search.method == "evolution"
+    with pytest.raises(ConfigError, match="search.widths: per-layer widths are searched by optuna and evolution, "
+                                          "not blockpruner"):
+        load_config(path, ["search.widths=true"], check_model=lambda m: SMOL)
+    with pytest.raises(ConfigError, match="search.mlp_group 1000 does not divide the MLP width 1536"):
+        load_config(path, ["search.method=evolution", "search.widths=true", "search.mlp_group=1000"],
+                    check_model=lambda m: SMOL)
+
+
 # ---- cluster.gpus_per_actor: auto and cluster.gpu_memory_gb (cluster/replica_size.py resolves them) ----
 def test_gpus_per_actor_auto_and_gpu_memory(write):
     config = load_config(write(GOOD), ["cluster.gpus_per_actor=auto"])

@@ -67,3 +67,19 @@ def test_two_step_selection_scores_offspring_on_a_prefix_and_forwards_no_window_
     assert 4 <= len(prefix) <= search["evaluations"] == 8  # 2 generations x 4 offspring (a repeat is not rescored)
     assert rest <= prefix and 1 <= len(rest) <= 2  # one survivor per generation goes on to every window
     assert Mask.from_dict(search["best_mask"]) == result.searcher.current and (run_dir / "report.md").exists()
+
+
+def test_evolution_with_widths_scores_narrowed_layers_on_the_actors_and_exports_them(ray_session, setup, tmp_path):
+    config = tiny_campaign_config(setup, "evolution-widths", **{
+        "search.method": "evolution", "search.target_ratio": 0.3, "search.widths": "true", "search.mlp_group": 16,
+        "search.evolution.offspring": 4, "search.evolution.generations": 3, "search.seed": 1})
+    result = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
+    forwarded = [Mask.from_json(line.split(" ", 1)[1]) for line in masks_of(evaluated(tmp_path))]
+    narrowed = [m for m in forwarded if m.mlp_width or m.head_units]
+    assert narrowed  # offspring that narrow layers were forwarded by the evaluators
+    search = json.loads((result.run_dir / "search.json").read_text())
+    assert search["widths"] is True and search["best_ppl"] <= search["greedy_ppl"]
+    arch, best = tiny_arch("llama"), Mask.from_dict(search["best_mask"])
+    assert param_count(best, arch) <= param_count(Mask.from_dict(search["greedy_mask"]), arch) + 3 * arch.hidden_size
+    exported = json.loads((result.run_dir / "model" / "config.json").read_text())
+    assert exported["num_hidden_layers"] == arch.num_layers  # layers narrowed or emptied, exported compact
