@@ -69,11 +69,17 @@ def evolution_section(search: dict[str, Any], path: dict[str, Any]) -> list[str]
     """Markdown lines of an evolutionary search: greedy start vs the best mask, how it got there."""
     held = path.get("heldout") or {}
     improvements = [h for h in search["history"] if h["improved"]]
+    if search.get("widths"):
+        moves = (f"at most {search['max_swaps']} moves of one width level between two layers of one kind each, "
+                 f"seed {search['seed']}): {search['evaluations']:,} offspring scored, every one at the greedy "
+                 "mask's parameter count to within the norms of the blocks emptied or refilled")
+    else:
+        moves = (f"at most {search['max_swaps']} swaps of a removed and a kept block of one kind each, seed "
+                 f"{search['seed']}): {search['evaluations']:,} offspring scored, every one at the greedy mask's "
+                 "parameter count")
     lines = ["## Evolutionary search", "",
              f"Warm-started from BlockPruner's mask, {search['generations']} generations of {search['offspring']} "
-             f"offspring (at most {search['max_swaps']} swaps of a removed and a kept block of one kind each, seed "
-             f"{search['seed']}): {search['evaluations']:,} offspring scored, every one at the greedy mask's "
-             f"parameter count.", "",
+             f"offspring ({moves}.", "",
              "| mask | ppl (calibration) | ppl (held-out) |", "|---|---:|---:|",
              f"| BlockPruner (warm start) | {_cell(search['greedy_ppl'])} | "
              f"{_cell(held.get('greedy_ppl', held.get('pruned_ppl') if not improvements else None))} |",

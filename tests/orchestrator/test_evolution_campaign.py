@@ -81,5 +81,6 @@ def test_evolution_with_widths_scores_narrowed_layers_on_the_actors_and_exports_
     assert search["widths"] is True and search["best_ppl"] <= search["greedy_ppl"]
     arch, best = tiny_arch("llama"), Mask.from_dict(search["best_mask"])
     assert param_count(best, arch) <= param_count(Mask.from_dict(search["greedy_mask"]), arch) + 3 * arch.hidden_size
+    assert "moves of one width level between two layers" in (result.run_dir / "report.md").read_text()
     exported = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert exported["num_hidden_layers"] == arch.num_layers  # layers narrowed or emptied, exported compact
