@@ -206,6 +206,10 @@ class Evaluator:
           ``zr`` (w x H) as numpy float64, ``rr`` and ``tokens``;
         - ``rescore`` (payload ``weights``: candidate -> sha of its refitted weight, with a source):
           ``sensitivity`` of those candidates with their refits.
+
+        The streams of a step stay on this replica from ``scores`` until the phase whose payload says
+        ``last`` (``rescore`` by default; a ``moments`` phase after it when a remembered candidate won
+        and its refit is summed again), or until the next step's ``scores``.
         """
         import torch
 
@@ -223,6 +227,10 @@ class Evaluator:
                              f"{windows.shape[0]} windows; pass 0 <= start < stop <= {windows.shape[0]}")
         work = StepWork(self.engine.decoder, windows[start:stop], self.engine.batch_size, req,
                         self._sprint_weights.weights, self._sprint_memo, f"{req.window_set}[{start}:{stop}]")
+        if phase not in ("scores", "moments", "rescore"):
+            raise ValueError(f"unknown SPRINT phase {phase!r}; use scores, moments or rescore")
+        if phase == "scores":
+            self._sprint_memo.drop_step()  # a new step: the last one's streams go first
         with work.active():
             if phase == "scores":
                 out = work.scores(keep=True)
@@ -230,12 +238,11 @@ class Evaluator:
                 fits = work.moments([int(s) for s in payload["top"]])
                 out = {"moments": {s: {"zz": f.zz.cpu().numpy(), "zr": f.zr.cpu().numpy(), "rr": f.rr,
                                        "tokens": f.tokens} for s, f in fits.items()}}
-            elif phase == "rescore":
+            else:
                 tensors = {s: self._sprint_weights.weights[sha] for s, sha in weights.items()}
                 out = {"sensitivity": work.rescore({s: t.to(torch.float32) for s, t in tensors.items()})}
-                self._sprint_memo.drop_step()  # the step's last phase
-            else:
-                raise ValueError(f"unknown SPRINT phase {phase!r}; use scores, moments or rescore")
+        if (payload or {}).get("last", phase == "rescore"):
+            self._sprint_memo.drop_step()  # the step's last phase on this replica
         return {**out, "seconds": time.perf_counter() - t0, "worker": self.worker}
 
     def sprint_solve(self, request: Mapping[str, Any], sources: Mapping[str, Any], block: int,

@@ -38,6 +38,7 @@ class LeanDecoder:
         self.final_norm = model.model.norm
         self.lm_head = model.lm_head
         self.rotary = model.model.rotary_emb
+        self.windows = layer_windows(model.config, arch)  # per layer: sliding window or None (full causal)
         self._rope: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ---- pieces -----------------------------------------------------------------------------------
@@ -69,7 +70,7 @@ class LeanDecoder:
         k = k.view(B, T, -1, arch.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = v.view(B, T, -1, arch.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        window = arch.sliding_window
+        window = self.windows[layer]
         if window is not None and T > window:
             i = torch.arange(T, device=h.device)
             band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # (T, T)
@@ -127,6 +128,29 @@ class LeanDecoder:
     def forward_logits(self, input_ids: torch.Tensor, mask: Mask) -> torch.Tensor:
         """Full masked forward to logits (tests and export checks; the search uses ``nll``)."""
         return self.logits(self.run(self.embed(input_ids), mask))
+
+
+def layer_windows(config: object, arch: Arch) -> list[int | None]:
+    """The attention window of each layer, as transformers applies it.
+
+    Mistral: ``sliding_window`` on every layer. Qwen2: only on layers whose ``config.layer_types``
+    entry is ``sliding_attention``; transformers derives that list from ``use_sliding_window`` and
+    ``max_window_layers`` (layers at or past it slide), unless the config spells it out. Without a
+    window (``arch.sliding_window`` None, e.g. Qwen2 with ``use_sliding_window`` off): None everywhere.
+    """
+    window = arch.sliding_window
+    if window is None:
+        return [None] * arch.num_layers
+    if arch.family != "qwen2":
+        return [window] * arch.num_layers
+    types = getattr(config, "layer_types", None)
+    if types is None:  # a config object without the derived list: transformers' own rule
+        first = int(getattr(config, "max_window_layers", 0))
+        types = ["sliding_attention" if i >= first else "full_attention" for i in range(arch.num_layers)]
+    if len(types) != arch.num_layers:
+        raise ValueError(f"config.layer_types has {len(types)} entries for {arch.num_layers} layers; "
+                         f"fix the model's config.json (or drop layer_types to derive it from max_window_layers)")
+    return [window if kind == "sliding_attention" else None for kind in types]
 
 
 def _rows(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:

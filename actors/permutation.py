@@ -2,10 +2,13 @@
 
 Width pruning keeps "the first w channels" of an MLP and "the first u head units" (KV groups under
 GQA) of an attention block, so both are sorted by L1 importance first (MultiPruner): MLP channel j
-scores ``|gate_j|_1 + |up_j|_1``, a head unit the L1 norm of its q, k and v rows. Which channels a
-width keeps is therefore decided by this order, and it must be the *same* order in every process that
-touches the model: each evaluator replica, the export, ``rayprune eval`` and SPRINT's refitted
-``down_proj`` columns.
+scores ``|gate_j|_1 + |up_j|_1``, a head unit the L1 norm of its q, k and v rows. Under GQA,
+MultiPruner's ``reorder_in_attn_block`` repeats each KV head's k and v rows once per query head that
+shares it before summing, so a unit scores ``|q rows|_1 + n_rep * (|k rows|_1 + |v rows|_1)``
+(``kv_weight="n_rep"``, the default; ``"once"`` weighs them once, as rayprune did before issue #14).
+Without GQA the two are the same order. Which channels a width keeps is therefore decided by this
+order, and it must be the *same* order in every process that touches the model: each evaluator
+replica, the export, ``rayprune eval`` and SPRINT's refitted ``down_proj`` columns.
 
 Recomputing it per process is not: sorting a bf16 layer's scores in bf16 instead of fp32 changed 447
 of 7,568 kept channels, and two fp32 summation orders moved 26-34 of 11,008 positions. So the order
@@ -16,9 +19,14 @@ arrays to every replica; its digest is part of the model fingerprint, so cached 
 the order they were computed with.
 
 File format: safetensors (no pickle) holding ``layers.<i>.mlp`` and ``layers.<i>.units`` (int64,
-most important first) and metadata ``{"format": "1", "method": "l1-float64", "checkpoint": <model
-fingerprint>, "digest": <sha256 of the arrays>}``. A file whose arrays do not hash to its digest, or
-that is not a permutation of each layer's width, is refused.
+most important first) and metadata ``{"format": "1", "method": <METHOD or METHOD_KV_REP>,
+"checkpoint": <model fingerprint>, "digest": <sha256 of the method and the arrays>}``. A file whose
+arrays do not hash to its digest, or that is not a permutation of each layer's width, is refused.
+The method names the head-unit score: ``l1-float64`` (k/v once, or no GQA: the order of every file
+written before issue #14) or ``l1-float64-kvrep`` (k/v weighed n_rep times under GQA). Being part
+of the digest, it gives the two orders of a GQA model different tags, so a stored order of the other
+weighting is never reused for this one (:func:`permutation_for`) and an export made with it is
+stale (``RunDir.stale_artefacts``); old files still load, for the exports and evals of their runs.
 
 numpy only at import; torch is imported by :func:`apply_permutation_` alone.
 """
@@ -44,7 +52,10 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 FORMAT = "1"
-METHOD = "l1-float64"
+METHOD = "l1-float64"  # k/v rows weighed once; also the name of the (single) order of a model without GQA
+METHOD_KV_REP = "l1-float64-kvrep"  # GQA: k/v rows weighed once per query head that shares them (MultiPruner)
+#: ``search.kv_weight``: how a GQA head unit's k and v rows count in its score.
+KV_WEIGHTS: tuple[str, ...] = ("n_rep", "once")
 #: Rows read at once when streaming a projection from a checkpoint (bounds the float64 copy: 64 MiB
 #: for a row of 8192).
 ROW_BLOCK = 1024
@@ -155,20 +166,34 @@ class Permutation:
 
 
 # ---- computing it ------------------------------------------------------------------------------
-def l1_permutation(row_l1: Callable[[str], np.ndarray], arch: Arch, checkpoint: str) -> Permutation:
+def l1_method(arch: Arch, kv_weight: str = "n_rep") -> str:
+    """The method name of the order ``kv_weight`` gives on ``arch`` (one name without GQA, where
+    both weightings are the same order, so those models keep the tags of earlier runs)."""
+    if kv_weight not in KV_WEIGHTS:
+        raise ValueError(f"search.kv_weight {kv_weight!r} must be one of {', '.join(KV_WEIGHTS)}")
+    return METHOD_KV_REP if kv_weight == "n_rep" and arch.heads_per_unit > 1 else METHOD
+
+
+def l1_permutation(row_l1: Callable[[str], np.ndarray], arch: Arch, checkpoint: str, *,
+                   kv_weight: str = "n_rep") -> Permutation:
     """The L1 order from ``row_l1(name)``: the float64 L1 norm of each row of projection ``name``
-    (``layers.<i>.mlp.gate_proj`` ...). Ties keep the lower index first (a stable sort)."""
+    (``layers.<i>.mlp.gate_proj`` ...). A head unit scores its q rows plus its KV head's k and v rows,
+    these ``heads_per_unit`` times with ``kv_weight="n_rep"`` (MultiPruner's ``repeat``/``expand`` of
+    k and v before the sum; its per-head mean divides every unit by the same count, so the order is
+    the same) and once with ``"once"``. Ties keep the lower index first (a stable sort)."""
+    method = l1_method(arch, kv_weight)
     hd, g, units = arch.head_dim, arch.heads_per_unit, arch.num_head_units
+    kv_times = g if method == METHOD_KV_REP else 1
     mlp, heads = [], []
     for i in range(arch.num_layers):
         prefix = f"layers.{i}."
         channel = row_l1(prefix + "mlp.gate_proj") + row_l1(prefix + "mlp.up_proj")
-        unit = (row_l1(prefix + "self_attn.q_proj").reshape(units, g * hd).sum(1)
-                + row_l1(prefix + "self_attn.k_proj").reshape(units, hd).sum(1)
-                + row_l1(prefix + "self_attn.v_proj").reshape(units, hd).sum(1))
+        q = row_l1(prefix + "self_attn.q_proj").reshape(units, g * hd).sum(1)  # (units,)
+        kv = (row_l1(prefix + "self_attn.k_proj").reshape(units, hd).sum(1)
+              + row_l1(prefix + "self_attn.v_proj").reshape(units, hd).sum(1))  # (units,): one KV head each
         mlp.append(_descending(channel))
-        heads.append(_descending(unit))
-    permutation = Permutation(checkpoint, tuple(mlp), tuple(heads))
+        heads.append(_descending(q + kv_times * kv))
+    permutation = Permutation(checkpoint, tuple(mlp), tuple(heads), method)
     permutation.check(arch)
     return permutation
 
@@ -177,24 +202,26 @@ def _descending(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, kind="stable").astype(np.int64)
 
 
-def checkpoint_permutation(path: str | os.PathLike[str], *, cache: bool = True) -> Permutation:
+def checkpoint_permutation(path: str | os.PathLike[str], *, cache: bool = True, kv_weight: str = "n_rep") -> Permutation:
     """The order of the model in directory ``path``, from its safetensors files (see the module
-    docstring). Cached per machine under ``cache_dir()/permutations/`` by model fingerprint."""
+    docstring). Cached per machine under ``cache_dir()/permutations/`` by model fingerprint and method."""
     from .fingerprint import model_fingerprint
     from .models import cache_dir, read_model_config
 
     path = Path(path)
     checkpoint = model_fingerprint(path)
-    cached = cache_dir() / "permutations" / f"{hashlib.sha256(checkpoint.encode()).hexdigest()[:32]}.safetensors"
+    arch = Arch.from_hf_config(read_model_config(str(path)))
+    method = l1_method(arch, kv_weight)
+    key = checkpoint if method == METHOD else f"{checkpoint}\n{method}"  # METHOD: the name files had before
+    cached = cache_dir() / "permutations" / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
     if cache and cached.is_file():
         try:
             found = Permutation.load(cached)
-            if found.checkpoint == checkpoint:
+            if found.checkpoint == checkpoint and found.method == method:
                 return found
         except BadPermutation:
             pass  # recompute and overwrite
-    arch = Arch.from_hf_config(read_model_config(str(path)))
-    permutation = l1_permutation(CheckpointRows(path).row_l1, arch, checkpoint)
+    permutation = l1_permutation(CheckpointRows(path).row_l1, arch, checkpoint, kv_weight=kv_weight)
     if cache:
         try:
             permutation.save(cached)
@@ -203,7 +230,8 @@ def checkpoint_permutation(path: str | os.PathLike[str], *, cache: bool = True) 
     return permutation
 
 
-def state_permutation(state: Mapping[str, Any], arch: Arch, checkpoint: str = "in-memory") -> Permutation:
+def state_permutation(state: Mapping[str, Any], arch: Arch, checkpoint: str = "in-memory", *,
+                      kv_weight: str = "n_rep") -> Permutation:
     """The order of in-memory weights (a ``state_dict``), as the checkpoint's would be: each tensor
     goes to the CPU and float64 before it is summed. For models that have no checkpoint (tests)."""
     import torch
@@ -214,7 +242,7 @@ def state_permutation(state: Mapping[str, Any], arch: Arch, checkpoint: str = "i
         tensor = state[names[name]].detach().to("cpu")
         return np.abs(tensor.to(torch.float64).numpy()).sum(axis=1)
 
-    return l1_permutation(row_l1, arch, checkpoint)
+    return l1_permutation(row_l1, arch, checkpoint, kv_weight=kv_weight)
 
 
 _PROJECTION = re.compile(r"(?:^|\.)(layers\.\d+\.(?:mlp\.(?:gate|up)_proj|self_attn\.[qkv]_proj))\.weight$")
@@ -318,14 +346,16 @@ def apply_permutation_(model: PreTrainedModel, arch: Arch, permutation: Permutat
     return model
 
 
-def permutation_for(model: str, known: Permutation | None = None) -> Permutation:
-    """The channel order of ``model``'s weights as they are now: ``known`` (a run's stored order)
-    when it was computed from them, else computed from the checkpoint. Runs where the weights are
-    (a Ray worker), so the driver never reads a weight."""
+def permutation_for(model: str, known: Permutation | None = None, kv_weight: str = "n_rep") -> Permutation:
+    """The channel order of ``model``'s weights as they are now, with ``kv_weight``: ``known`` (a
+    run's stored order) when it was computed from them with that weighting, else computed from the
+    checkpoint (a run that stored the other weighting of a GQA model gets a new order, and a new tag).
+    Runs where the weights are (a Ray worker), so the driver never reads a weight."""
     from .fingerprint import model_fingerprint
-    from .models import resolve_model
+    from .models import read_model_config, resolve_model
 
     path = resolve_model(model)
-    if known is not None and known.checkpoint == model_fingerprint(path):
+    if (known is not None and known.checkpoint == model_fingerprint(path)
+            and known.method == l1_method(Arch.from_hf_config(read_model_config(str(path))), kv_weight)):
         return known
-    return checkpoint_permutation(path)
+    return checkpoint_permutation(path, kv_weight=kv_weight)

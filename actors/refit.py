@@ -2,12 +2,15 @@
 
 After a block upstream is removed, the MLP block ``r`` that follows it sees other inputs. With
 ``z`` the input of ``down_proj`` (the gated activations, width ``w``) and ``R`` what ``down_proj``
-should add to the residual stream for the pruned model to reproduce the dense stream after ``r``
-(``R = dense_after_r - residual_in - bias``), the refit minimises over ``W`` (``H x w``)
+should add to the residual stream for the pruned model to reproduce a target stream after ``r``
+(``R = target_after_r - residual_in - bias``), the refit minimises over ``W`` (``H x w``)
 
     f(W) = ||Z W^T - R||^2 + lam * ||W - W0||^2,     lam = ridge * mean(diag(Z^T Z)) / tokens
 
-i.e. least squares with a ridge that pulls towards the current weights ``W0``. ``ridge`` is counted
+i.e. least squares with a ridge that pulls towards the current weights ``W0``. The target is the
+stream the candidate's sensitivity is compared with (``local``, SPRINT's ``out_proj_tuning``: the
+current model's window with the candidate kept), or the dense model's stream after ``r`` (``dense``);
+actors/sprint.py chooses it per request. ``ridge`` is counted
 in tokens: the pull weighs about as much as ``ridge`` calibration tokens of average activation
 energy, so it is scale-free and fades as the calibration set grows (a refit of a 576 x 1536
 ``down_proj`` from 256 tokens needs a strong pull; one from the paper's 262k tokens hardly any). ``Z^T Z`` (w x w) and ``Z^T R`` (w x H) are

@@ -13,10 +13,17 @@ Per step, over the calibration batches (all exact, all in the model's dtype):
 
 1. walk the current model from that checkpoint to the end (NLL of the state on the way); at each
    candidate ``s`` start a branch that skips ``s``; at ``target(s)`` (the next remaining MLP) the
-   sensitivity is ``sum over sequences |o - c| / |o|`` (o: stream kept, c: stream of the branch);
-2. rank by ``sensitivity / latency saved``; for the ``top_k`` best refit ``down_proj`` of
-   ``target(s)`` so that the pruned model reproduces the *dense* stream after it (actors/refit.py);
-3. re-score those with their refitted weights and return the best tuned candidate and its weights.
+   sensitivity is ``sum over sequences |o - c| / |o|`` (c: stream of the branch; o: the reference,
+   with the ``window`` reference a second branch that runs every block from ``s`` to ``target(s)``,
+   those already removed included, as SPRINT's code does); ``|.|`` is the L1 norm of a sequence's
+   tokens x hidden (SPRINT's ``l2_sentence`` computes that), or its L2 norm (``metric: l2``);
+2. rank by ``sensitivity / latency saved``; for the ``top_k`` best without a remembered tuned score
+   refit ``down_proj`` of ``target(s)`` so that the pruned model reproduces the reference stream o
+   after it (``refit_target: local``, SPRINT) or the *dense* stream after it (``dense``), see
+   actors/refit.py;
+3. re-score those with their refitted weights; the best among them and the remembered ones is the
+   choice (a candidate with no MLP after it scores ``inf``, SPRINT, or its untuned sensitivity); a
+   remembered winner has its refit computed again (nothing in its window changed: the same sums).
 
 Everything a phase computes is a sum over windows: the NLL, each sensitivity (a sum over
 sequences) and the refit's normal equations (``Z^T Z``, ``Z^T R``, ``R^T R``). :class:`StepWork`
@@ -37,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from search_spaces import Block, Mask
-from search_spaces.sprint import (StepRequest, best_tuned, checkpoint_before, checkpoint_blocks, refit_targets, state_key,
-                                  target_block, tensor_key, top_candidates, tuned_records)
+from search_spaces.sprint import (StepRequest, best_tuned, checkpoint_before, checkpoint_blocks, refit_candidates,
+                                  refit_targets, restored, state_key, target_block, tensor_key, top_candidates,
+                                  tuned_records, window_removed)
 
 from .memory import resolve_budget
 from .refit import DownProjFit, FitResult
@@ -97,12 +105,17 @@ def _dense(swap: TunedSwap) -> Iterator[None]:
         swap.apply()
 
 
-def _seq_score(o: torch.Tensor, c: torch.Tensor) -> float:
-    """sum over sequences of |o - c| / |o| (Frobenius norms over tokens x hidden per sequence)."""
+def _seq_score(o: torch.Tensor, c: torch.Tensor, metric: str = "l1") -> float:
+    """sum over sequences of |o - c| / |o|, norms over each sequence's tokens x hidden in fp32: L1
+    (``l1``; what SPRINT's ``l2_sentence`` computes: ``sqrt(x**2)`` summed) or L2 (``l2``)."""
     # On a replica over k GPUs a branch whose last kept block sits on an earlier device than o's
     # (every block after the candidate removed) arrives there: compare on o's device.
     o, c = o.float().flatten(1), c.to(o.device).float().flatten(1)  # (B, T*H)
-    return float(((o - c).norm(dim=1) / o.norm(dim=1).clamp_min(1e-30)).double().sum())
+    if metric == "l1":
+        ratio = (o - c).abs().sum(dim=1) / o.abs().sum(dim=1).clamp_min(1e-30)  # (B,)
+    else:
+        ratio = (o - c).norm(dim=1) / o.norm(dim=1).clamp_min(1e-30)  # (B,)
+    return float(ratio.double().sum())
 
 
 def mlp_input(decoder: LeanDecoder, layer: int, h: torch.Tensor, width: int) -> torch.Tensor:
@@ -155,8 +168,9 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
     """One SPRINT step (see the module docstring); ``weights`` maps content hash -> (H, w) tensor.
 
     Returns ``nll_sum``/``tokens`` of the request's state on its windows, the new ``sensitivity``
-    of every requested candidate, the ``tuned`` re-scores of the top candidates, and ``choice``: the
-    best tuned candidate, with ``weight`` (numpy fp32, None when its refit was not kept) and ``sha``.
+    of every requested candidate, the ``top`` candidates, the ``tuned`` records of the choice's
+    candidates (``search_spaces.sprint.tuned_records``) and ``choice``: the best one, with its refit's
+    ``status``, ``weight`` (numpy fp32, None when its refit was not kept) and ``sha``.
     The memory budget is ``memo.memory_budget``, else the default of the decoder's devices.
     """
     t0 = time.perf_counter()
@@ -166,22 +180,28 @@ def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, reque
         ranked = {**dict(request.known), **result["sensitivity"]}
         if request.top_k > 0 and ranked:
             top = top_candidates(ranked, request.costs, request.top_k)
-            fits = work.solve(work.moments(top))
-            kept = {s: fit.weight for s, fit in fits.items() if fit.ok}
-            rescored = work.rescore(kept)
-            info = {s: {"status": f.status, "before": f.before, "after": f.after} for s, f in fits.items()}
+            fits = work.solve(work.moments(refit_candidates(request, top)))
+            rescored = work.rescore({s: fit.weight for s, fit in fits.items() if fit.ok})
             result["top"] = top
-            result["tuned"] = tuned_records(request.mask, decoder.arch.num_layers, top, ranked, info, rescored)
-            result["choice"] = choose(result["tuned"], request, {s: w.cpu().numpy() for s, w in kept.items()})
+            result["tuned"] = tuned_records(request, decoder.arch.num_layers, top, ranked, fit_info(fits), rescored)
+            chosen = best_tuned(result["tuned"], request.costs)
+            if chosen["status"] == "remembered":  # its refit again, from the same sums
+                fits = work.solve(work.moments([chosen["block"]]))
+            fit = fits.get(chosen["block"])
+            weight = fit.weight.cpu().numpy() if fit is not None and fit.ok else None
+            result["choice"] = with_weight({**chosen, **fit_info(fits).get(chosen["block"], {})}, weight)
     result["seconds"] = time.perf_counter() - t0
     return result
 
 
-def choose(tuned: list[dict[str, Any]], request: StepRequest, weights: Mapping[int, Any]) -> dict[str, Any]:
-    """The best tuned candidate's record, with its refitted ``weight`` (numpy fp32; None when its
-    refit was not kept) and the weight's content hash ``sha``."""
-    chosen = best_tuned(tuned, request.costs)
-    weight = weights.get(chosen["block"])
+def fit_info(fits: Mapping[int, FitResult]) -> dict[int, dict[str, Any]]:
+    """``status``/``before``/``after`` of each refit: what a step's records say of it."""
+    return {s: {"status": f.status, "before": f.before, "after": f.after} for s, f in fits.items()}
+
+
+def with_weight(chosen: Mapping[str, Any], weight: Any) -> dict[str, Any]:
+    """The chosen record with its refitted ``weight`` (numpy fp32, or None: no refit kept) and the
+    weight's content hash ``sha``."""
     sha = None if weight is None else tensor_key(tuple(weight.shape), "float32", weight.tobytes())
     return {**chosen, "sha": sha, "weight": weight}
 
@@ -199,7 +219,8 @@ class StepWork:
 
     def __init__(self, decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request: StepRequest,
                  weights: Mapping[str, torch.Tensor], memo: Checkpoints, window_key: str | None = None) -> None:
-        gone = [s for s in [*request.candidates, *dict(request.known)] if request.mask.removed(Block.from_index(s))]
+        gone = [s for s in [*request.candidates, *dict(request.known), *dict(request.remembered)]
+                if request.mask.removed(Block.from_index(s))]
         if gone:
             raise ValueError(f"blocks {gone[:5]} are removed in the request's mask; score only blocks it keeps")
         missing = [h for _, h in request.tuned if h not in weights]
@@ -239,6 +260,7 @@ class StepWork:
         finishing: dict[int, list[int]] = {}
         for s in candidates:
             finishing.setdefault(target_block(mask, decoder.arch.num_layers, s), []).append(s)
+        restore = self._restore(candidates)  # window references: the blocks of the window run again
         sens = {s: 0.0 for s in candidates}
         keep_all = _fits(windows, decoder, num_blocks + 1 - start, self.budget)  # every entering stream, for refits
         recorded: dict[int, list[torch.Tensor]] = {c: [] for c in range(start, num_blocks + 1)
@@ -249,6 +271,7 @@ class StepWork:
             h = usable[start][rows] if start in usable else decoder.embed(batch)  # (B, T, H)
             rope = decoder.rope(h)
             branches: dict[int, torch.Tensor] = {}
+            references: dict[int, torch.Tensor] = {}  # candidates whose window holds removed blocks
             for i in range(start, num_blocks):
                 if i in recorded:
                     recorded[i].append(h)
@@ -258,9 +281,13 @@ class StepWork:
                 for s in branches:
                     if s != i:
                         branches[s] = decoder.block(i, branches[s], mask, rope)
+                for s in references:
+                    references[s] = decoder.block(i, references[s], restore[s], rope)
+                if i in restore:
+                    references[i] = h_next  # block i itself runs alike in both
                 h = h_next
                 for s in finishing.get(i, ()):
-                    sens[s] += _seq_score(h, branches.pop(s))
+                    sens[s] += _seq_score(references.pop(s, h), branches.pop(s), request.metric)
             if num_blocks in recorded:
                 recorded[num_blocks].append(h)  # the final stream, i.e. "entering" the end
             nll, n = decoder.nll(h, batch)
@@ -290,7 +317,7 @@ class StepWork:
         targets = refit_targets(request.mask, arch.num_layers, top)
         if not targets:
             return {}
-        dense = self._dense_streams()
+        dense = self._dense_streams() if request.refit_target == "dense" else None
         # Each refit's sums live on its target layer's device (a replica over k GPUs), where z, the
         # targets and the weight it replaces are; in host memory when the float64 sums of all of them
         # exceed the replica's memory budget (70B: 8.5 GB per refit), products still computed on the GPU.
@@ -303,13 +330,17 @@ class StepWork:
         for b, rows in enumerate(self.batches):
             dense_after: dict[int, torch.Tensor] = {}
             for s, r in targets.items():
-                if r not in dense_after:
-                    with _dense(self.swap):
-                        c = _nearest(dense, r + 1)
-                        dense_after[r] = decoder.run(dense[c][rows], Mask(), c, r + 1)  # dense stream after r
-                g, _ = self._branch(s, b, rows)
+                g, o = self._branch(s, b, rows)
+                if dense is None:  # local: the reference stream after r, the one the score compares with
+                    aim = o.to(g.device)
+                else:
+                    if r not in dense_after:
+                        with _dense(self.swap):
+                            c = _nearest(dense, r + 1)
+                            dense_after[r] = decoder.run(dense[c][rows], Mask(), c, r + 1)  # dense stream after r
+                    aim = dense_after[r]
                 bias = 0.0 if self.down_proj(s).bias is None else self.down_proj(s).bias
-                fits[s].add(mlp_input(decoder, r // 2, g, self._width(s)), dense_after[r] - g - bias)
+                fits[s].add(mlp_input(decoder, r // 2, g, self._width(s)), aim - g - bias)
         return fits
 
     def solve(self, fits: Mapping[int, DownProjFit]) -> dict[int, FitResult]:
@@ -326,12 +357,22 @@ class StepWork:
                 g, o = self._branch(s, b, rows)
                 down = self.down_proj(s)
                 z = mlp_input(self.decoder, self._target(s) // 2, g, self._width(s))
-                sens[s] += _seq_score(o, g + F.linear(z, weight.to(down.weight.device, down.weight.dtype), down.bias))
+                sens[s] += _seq_score(o, g + F.linear(z, weight.to(down.weight.device, down.weight.dtype), down.bias),
+                                      self.request.metric)
         return sens
 
     # ---- helpers -----------------------------------------------------------------------------------------
     def _target(self, s: int) -> int:
         return target_block(self.request.mask, self.decoder.arch.num_layers, s)
+
+    def _restore(self, candidates: list[int]) -> dict[int, Mask]:
+        """The model each candidate's ``window`` reference runs, for those whose window (candidate to
+        target) holds removed blocks; none with the ``current`` reference."""
+        if self.request.reference != "window":
+            return {}
+        mask, layers = self.request.mask, self.decoder.arch.num_layers
+        gone = {s: window_removed(mask, layers, s) for s in candidates}
+        return {s: restored(mask, blocks) for s, blocks in gone.items() if blocks}
 
     def down_proj(self, s: int) -> torch.nn.Linear:
         """The ``down_proj`` refitted after candidate ``s`` (that of its target MLP)."""
@@ -353,7 +394,7 @@ class StepWork:
         return self.memo.get(ws, dense_key)  # some may be parked now
 
     def _branch(self, s: int, b: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """(stream entering target(s) with s skipped, current stream after target(s)) of batch b."""
+        """(stream entering target(s) with s skipped, reference stream after target(s)) of batch b."""
         if (s, b) in self._branches:
             return self._branches[(s, b)]
         decoder, mask, streams, target = self.decoder, self.request.mask, self._streams(), self._target(s)
@@ -364,7 +405,11 @@ class StepWork:
         # block between removed): the target MLP, its residual and targets are on target(s)'s device.
         g = g.to(self.down_proj(s).weight.device)
         after = target + 1
-        o = streams[after][rows] if after in streams else decoder.run(h, mask, s, after)
+        window = self._restore([s])
+        if s in window:  # the window run again, its removed blocks included
+            o = decoder.run(h, window[s], s, after)
+        else:
+            o = streams[after][rows] if after in streams else decoder.run(h, mask, s, after)
         if getattr(self, "_keep_branches", False):
             self._branches[(s, b)] = (g, o)
         return g, o

@@ -10,6 +10,11 @@ A task file runs no code: one that names Python (lm_eval's ``!function`` tag, in
 ``include``s) is refused before anything loads, and the Jinja templates of every task render in a
 sandbox (:func:`sandboxed_templates`), so a task YAML from someone else's run directory can
 neither import a module nor reach Python internals through a template.
+
+A named task set (:data:`TASK_SETS`) stands for the papers' zero-shot tasks: ``blockpruner`` and
+``multipruner`` are PIQA, WinoGrande, HellaSwag, ARC-e and ARC-c (their eval.py); ``sprint`` has
+BoolQ instead of WinoGrande (its eval_utils.py). With a set, the result also holds the set's average
+as the papers compute it: each task's ``acc_norm`` where lm_eval reports one, else its ``acc``.
 """
 
 from __future__ import annotations
@@ -24,9 +29,50 @@ import yaml
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EvalExtraMissing", "check_tasks", "refuse_code", "sandboxed_templates", "task_spec", "zero_shot"]
+__all__ = ["TASK_SETS", "EvalExtraMissing", "check_tasks", "expand_tasks", "paper_average", "refuse_code",
+           "sandboxed_templates", "task_spec", "zero_shot"]
 
 INSTALL_HINT = "install the optional extra: pip install 'rayprune[eval]' (or pip install -r requirements-eval.txt)"
+
+
+#: The papers' zero-shot task sets, by name (lm_eval task names, in the order their code lists them).
+_FIVE = ("piqa", "winogrande", "hellaswag", "arc_easy", "arc_challenge")
+TASK_SETS: dict[str, tuple[str, ...]] = {
+    "blockpruner": _FIVE,  # BlockPruner eval.py --tasks default
+    "multipruner": _FIVE,  # MultiPruner eval.py task_names
+    "sprint": ("piqa", "hellaswag", "arc_challenge", "arc_easy", "boolq"),  # SPRINT eval_utils.comprehensive_eval
+}
+
+
+def expand_tasks(tasks: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(tasks, sets)``: every named set in ``tasks`` replaced by its tasks (each task once, first
+    mention first), and the set names that were used. Anything else is kept as given."""
+    expanded: list[str] = []
+    sets: list[str] = []
+    for task in tasks:
+        members = TASK_SETS.get(task)
+        if members is not None and task not in sets:
+            sets.append(task)
+        for name in members or (task,):
+            if name not in expanded:
+                expanded.append(name)
+    return expanded, sets
+
+
+def paper_average(results: dict[str, dict[str, float]], tasks: Sequence[str]) -> dict[str, float]:
+    """The papers' average over ``tasks``: ``acc_norm`` where a task has it, else ``acc``.
+
+    Raises ValueError naming a task that is missing or has neither metric.
+    """
+    scores = []
+    for task in tasks:
+        metrics = results.get(task) or {}
+        score = metrics.get("acc_norm", metrics.get("acc"))
+        if score is None:
+            raise ValueError(f"zero-shot task {task!r} has no acc or acc_norm in the results ({sorted(metrics)}); "
+                             f"the papers' average needs both tasks and metrics")
+        scores.append(score)
+    return {"acc": sum(scores) / len(scores), "samples": float(sum(results[t].get("samples", 0) for t in tasks))}
 
 
 class EvalExtraMissing(ValueError):
@@ -43,9 +89,9 @@ def _lm_eval():
 
 def check_tasks(tasks: Sequence[str]) -> None:
     """Fail early (before any model loads): the extra is installed, every task file exists and
-    names no code."""
+    names no code. Named sets (:data:`TASK_SETS`) are expanded first."""
     _lm_eval()
-    for task in tasks:
+    for task in expand_tasks(tasks)[0]:
         path = Path(task).expanduser()
         if path.suffix in (".yaml", ".yml"):
             if not path.is_file():
@@ -117,8 +163,13 @@ def task_spec(task: str) -> str | dict[str, Any]:
 
 def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: Sequence[str], *,
               batch_size: int = 1, limit: int | None = None, seed: int = 1234) -> dict[str, dict[str, float]]:
-    """Zero-shot metrics per task: ``{task: {"acc": x, "acc_stderr": s, ...}}`` (numbers only)."""
+    """Zero-shot metrics per task: ``{task: {"acc": x, "acc_stderr": s, ...}}`` (numbers only).
+
+    A named set in ``tasks`` (e.g. ``blockpruner``) runs its tasks and adds ``"<set> average"``:
+    ``{"acc": the papers' average (acc_norm where present, else acc), "samples": items}``.
+    """
     lm_eval = _lm_eval()
+    tasks, sets = expand_tasks(tasks)
     from lm_eval import utils
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -139,6 +190,8 @@ def zero_shot(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks:
         row = {key.split(",")[0]: float(v) for key, v in metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and "," in key}
         results[name] = {k: v for k, v in row.items() if not math.isnan(v)} | {"samples": _samples(output, name)}
+    for name in sets:
+        results[f"{name} average"] = paper_average(results, TASK_SETS[name])
     return results
 
 

@@ -6,8 +6,9 @@
 SmolLM2-135M, configs/demo.yaml with 32 x 128 calibration tokens (4,096; batch 2) and the demo's
 16 x 256 held-out tokens, 2 evaluator actors x 1 CPU, fp32. Each entry is one campaign in its own run
 directory ``runs/bench-quality/<entry>``, run in its own process (the code of the moment), and its
-figures are kept in ``result.json`` there: a rerun measures only what is missing, so the hours this
-takes on 2 cores can be spread over several sittings.
+figures are kept in ``result.json`` there: a rerun measures only what is missing (a stopped
+measurement goes on from its run directory's cache), so the hours this takes on 2 cores can be
+spread over several sittings.
 
 Work shared between entries is reused, not repeated, and still counted:
 
@@ -85,17 +86,22 @@ def result(name: str) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def measure(entry: Entry) -> dict:
-    """Run one entry's campaign (in this process) and keep its figures in ``result.json``."""
+def measure(entry: Entry, fresh: bool = False) -> dict:
+    """Run one entry's campaign (in this process) and keep its figures in ``result.json``. A run
+    directory left by a stopped measurement is resumed (its wall time then counts this part only,
+    and the table marks it), unless ``fresh``."""
     from orchestrator.campaign import Campaign
     from orchestrator.config_load import load_config
 
     run_dir = directory(entry.name)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    resumed = (run_dir / "evals").is_dir()  # a stopped measurement goes on from its cache
+    if fresh:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        resumed = False
     donor = result(entry.donor) if entry.donor else None
-    if entry.donor:
-        if donor is None:
-            raise SystemExit(f"{entry.name} starts from {entry.donor}, which has not run yet: run it first")
+    if entry.donor and donor is None:
+        raise SystemExit(f"{entry.name} starts from {entry.donor}, which has not run yet: run it first")
+    if entry.donor and not resumed:
         shutil.copytree(directory(entry.donor) / "evals", run_dir / "evals")
     config = load_config(ROOT / "configs" / "demo.yaml", [
         f"name=bench-quality-{run_dir.name}", f"output={run_dir}", f"cluster.actors={ACTORS}",
@@ -111,7 +117,7 @@ def measure(entry: Entry) -> dict:
         "ratio": last["ratio"], "calibration": last["ppl"], "heldout": path["heldout"]["pruned_ppl"],
         "heldout_greedy": path["heldout"].get("greedy_ppl"), "dense_heldout": path["heldout"]["dense_ppl"],
         "tokens": outcome.counters.tokens_by_set.get("calibration", 0), "wall_own": wall,
-        "wall": wall + (donor["wall"] if donor else 0.0), "mask": path_mask(path),
+        "wall": wall + (donor["wall"] if donor else 0.0), "resumed": resumed, "mask": path_mask(path),
         "evolution": {k: search["evolution"][k] for k in ("generations", "evaluations", "greedy_ppl", "best_ppl")}
         if search.get("evolution") else None,
         "date": time.strftime("%Y-%m-%d"),
@@ -141,13 +147,14 @@ def write_table() -> None:
              "mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "
              "KL(dense || mask) per token, perplexity reported. Tokens: calibration tokens of every row the "
              "campaign used, including its warm start's (the compute from a cold start). Wall: the campaign's, "
-             "plus the run it reused (the warm start, or the same greedy search to the lower ratio).", "",
+             "plus the run it reused (the warm start, or the same greedy search to the lower ratio); "
+             "\"resumed\": measured in two sittings, the wall time of the second only.", "",
              "| ratio | method | ratio reached | mask | calibration ppl | held-out ppl | tokens | wall |",
              "|---:|---|---:|---|---:|---:|---:|---:|"]
     for entry, r in done:
         calibration = (f"exp(KL) {r['calibration']:.4f}" if "kl" in entry.method else f"{r['calibration']:.3f}")
         lines.append(f"| {entry.ratio:.2f} | {entry.method} | {r['ratio']:.4f} | {r['mask']} | {calibration} | "
-                     f"{r['heldout']:.3f} | {r['tokens']:,} | {r['wall'] / 60:.1f} min |")
+                     f"{r['heldout']:.3f} | {r['tokens']:,} | {r['wall'] / 60:.1f} min{' (resumed)' if r.get('resumed') else ''} |")
     for ratio in RATIOS:
         greedy, evo = result(f"blockpruner@{ratio}"), result(f"evolution@{ratio}")
         if greedy and evo:
@@ -165,12 +172,13 @@ def write_table() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated entries, e.g. 'evolution@0.11' (default: every one)")
-    parser.add_argument("--fresh", action="store_true", help="measure again entries that have a result")
+    parser.add_argument("--fresh", action="store_true", help="measure again from a cold start, even entries that "
+                        "have a result (default: measure what is missing, resuming a stopped measurement)")
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # one entry, in this process
     args = parser.parse_args()
     by_name = {e.name: e for e in entries()}
     if args.entry:
-        figures = measure(by_name[args.entry])
+        figures = measure(by_name[args.entry], fresh=args.fresh)
         print(json.dumps(figures))
         return
     wanted = args.only.split(",") if args.only else list(by_name)
@@ -181,7 +189,7 @@ def main() -> None:
         if result(name) is not None and not args.fresh:
             continue
         print(f"=== {name}", flush=True)
-        subprocess.run([sys.executable, __file__, "--entry", name], check=True)
+        subprocess.run([sys.executable, __file__, "--entry", name, *(["--fresh"] if args.fresh else [])], check=True)
         write_table()
     write_table()
 

@@ -5,7 +5,8 @@
 For the run's final model, the prefixes of its path named by ``--steps`` (exported with their
 refitted weights) and the final models of other runs (``--compare``, e.g. BlockPruner's), it prints
 the ratio, the held-out perplexity (the run's evaluation windows), the speedup the run's latency
-table estimates and the speedup measured on this machine: the latency scenario of the run (prefill
+table estimates (with the costs the run searched with: SPRINT's sum of kept blocks, or with the fixed
+part under ``search.sprint.latency_fixed``) and the speedup measured on this machine: the latency scenario of the run (prefill
 of ``prompt`` tokens, LM head on the last position; decode steps if any), with the threads the
 table was measured with, fastest of ``--rounds`` rounds interleaved over all models so that a busy
 neighbour slows every model alike. It writes ``RUN_DIR/bench.json`` and leaves bench/RESULTS.md alone.
@@ -31,7 +32,7 @@ from orchestrator.data.windows import heldout_windows  # noqa: E402
 from orchestrator.rundir import RunDir, final_mask  # noqa: E402
 from orchestrator.export import export_run  # noqa: E402
 from search_spaces import Arch, Mask  # noqa: E402
-from search_spaces.latency import LatencyTable, Scenario, speedup  # noqa: E402
+from search_spaces.latency import BlockCosts, LatencyTable, Scenario, speedup  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> dict:
     sprint = path["sprint"]
     table = LatencyTable.from_dict(sprint["latency"])
     scenario = Scenario(sprint["scenario"]["prompt"], sprint["scenario"]["generate"])
-    costs = table.scenario_costs(scenario)
+    # The costs the search ranked and stopped by: without the fixed part unless search.sprint.latency_fixed
+    # (SPRINT's arithmetic); runs older than that setting used the table's costs as they are.
+    costs = BlockCosts(**sprint["costs"]) if "costs" in sprint else table.scenario_costs(scenario)
     torch.set_num_threads(int(table.meta.get("threads") or torch.get_num_threads()))
     source = resolve_model(config["model"])
     arch = Arch.from_hf_config(load_model(source).config.to_dict())

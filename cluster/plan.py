@@ -320,17 +320,16 @@ def reference_table(hw: Hardware = Hardware(), target: float = 0.22, gpus: Seque
     """The plan of Llama-2-7B and Llama-2-70B with BlockPruner, MultiPruner and SPRINT, as markdown.
 
     The papers' setups: 32 x 2048 calibration tokens for BlockPruner and MultiPruner (44:52:4, MLP
-    groups of 688 for 7B (the divisor of 11008 nearest 1024) and 1024 for 70B), 128 x 2048 for
-    SPRINT (top 5 refits); held-out 128 x 2048 tokens; bf16; k from the weights x 1.25.
+    groups of 1024, as MultiPruner's code uses them: a group need not divide the width), 128 x 2048
+    for SPRINT (top 5 refits); held-out 128 x 2048 tokens; bf16; k from the weights x 1.25.
     """
     plans = []
     for model in ("llama2-7b", "llama2-70b"):
         arch = Arch.from_hf_config(REFERENCE_MODELS[model])
-        group = 688 if arch.intermediate_size == 11008 else 1024
         for method, tokens in (("blockpruner", 65536), ("multipruner", 65536), ("sprint", 262144)):
-            plans += [plan_campaign(arch, model, method, target, tokens, g, hw, mlp_group=group) for g in gpus]
+            plans += [plan_campaign(arch, model, method, target, tokens, g, hw, mlp_group=1024) for g in gpus]
     return "\n".join([f"Target ratio {target:g}. " + assumptions(hw, "bfloat16", 65536, 2048, 262144, 2048)
-                      + " MultiPruner: 44:52:4, MLP groups of 688 (7B) and 1024 (70B), one head unit per step. "
+                      + " MultiPruner: 44:52:4, MLP groups of 1024, one head unit per step. "
                       "SPRINT: 262,144 calibration tokens, top 5 refits per step.", "", format_plans(plans)])
 
 

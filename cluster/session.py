@@ -214,25 +214,26 @@ class Pool:
     joiner: Joiner | None = None  # replicas still being placed join through it (Dispatcher(joiner=...))
 
 
-def channel_order(model: str, known: Permutation | None = None) -> Permutation:
-    """The one channel order of a campaign (:func:`actors.permutation.permutation_for`), computed by
-    one Ray task on a worker, never on the driver (which reads no weight) nor per replica."""
+def channel_order(model: str, known: Permutation | None = None, kv_weight: str = "n_rep") -> Permutation:
+    """The one channel order of a campaign (:func:`actors.permutation.permutation_for`, GQA's k/v
+    rows weighted by ``kv_weight``), computed by one Ray task on a worker, never on the driver
+    (which reads no weight) nor per replica."""
     import ray
 
     from actors.permutation import permutation_for
 
     return ray.get(ray.remote(permutation_for).options(num_cpus=1, name="rayprune-channel-order")
-                   .remote(model, known))
+                   .remote(model, known, kv_weight))
 
 
 @contextlib.contextmanager
 def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, permutation: Permutation | None = None,
-                   **evaluator_kwargs: Any) -> Iterator[Pool]:
+                   kv_weight: str = "n_rep", **evaluator_kwargs: Any) -> Iterator[Pool]:
     """The one place a campaign's evaluators start and stop.
 
     Joins ``RAY_ADDRESS`` or starts a private session sized for ``cluster`` (:func:`connect`),
     obtains the channel order once (:func:`channel_order`: ``permutation``, a run's stored order, if
-    it still belongs to the model's weights, else computed) and hands it to every replica, places
+    it still belongs to the model's weights and ``kv_weight``, else computed) and hands it to every replica, places
     ``cluster.actors`` replicas (``auto``: as many as the free resources hold now, at least one),
     asking the autoscaler for their bundles (:class:`~cluster.placement.Placements`). It yields as
     soon as one replica is placed and loaded; the others join the running campaign through
@@ -251,7 +252,7 @@ def evaluator_pool(cluster: PoolSpec, *, evaluator_cls: type | None = None, perm
         n_actors = cluster.actors if fixed else max(1, free_replica_slots(cluster.cpus_per_actor,
                                                                           cluster.gpus_per_actor))
         if evaluator_kwargs.get("reorder", True):
-            permutation = channel_order(evaluator_kwargs["model"], permutation)
+            permutation = channel_order(evaluator_kwargs["model"], permutation, kv_weight)
             evaluator_kwargs["permutation"] = ray.put(permutation)  # one copy in the object store, not n
         else:
             permutation = None

@@ -111,7 +111,8 @@ class Campaign:
         try:
             with evaluator_pool(cluster, evaluator_cls=self.evaluator_cls, model=config.model, windows=windows,
                                 batch_size=config.search.batch_size, dtype=config.dtype,
-                                permutation=self.rundir.read_permutation()) as pool:
+                                permutation=self.rundir.read_permutation(),
+                                kv_weight=config.search.kv_weight) as pool:
                 self.replica_dtype, self.permutation = pool.dtype, pool.permutation
                 if pool.permutation is not None:
                     self.rundir.write_permutation(pool.permutation)

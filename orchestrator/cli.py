@@ -63,7 +63,7 @@ def _eval(args: argparse.Namespace) -> int:
     from .storage import local_run
 
     settings = dict(corpus=args.corpus, sequences=args.sequences, length=args.length, seed=args.seed,
-                    tasks=tuple(args.tasks or ()), batch_size=args.batch_size, limit=args.limit)
+                    tasks=tuple(args.tasks or ()), batch_size=args.batch_size, limit=args.limit, protocol=args.protocol)
     where = args.on or ("cluster" if os.environ.get("RAY_ADDRESS") else "driver")
     if where == "cluster":  # the weights load on a worker with GPUs, never on the driver
         from .eval_remote import evaluate_on_cluster
@@ -144,6 +144,12 @@ def _plan(args: argparse.Namespace) -> int:
     hw = Hardware(tflops=args.tflops, gpu_memory_gb=memory, gpus_per_node=args.gpus_per_node,
                   fp32_tflops=args.fp32_tflops, read_gb_s=args.read_gb_s, reloads=args.reloads,
                   straggler=args.straggler, tiling=args.tiling)
+    if (cal.sequences is None and not args.tokens) or ev.sequences is None:
+        raise ValueError(f"the {config.data.protocol} protocol leaves the number of "
+                         f"{'calibration' if cal.sequences is None and not args.tokens else 'held-out'} windows to its "
+                         "cut of the text, known only once it is tokenized; plan with explicit counts, e.g. "
+                         "--tokens 65536 (calibration tokens) and data.evaluation.sequences=166 (WikiText-2 test "
+                         "in 2048-token windows of Llama-2's tokenizer)")
     tokens = args.tokens or cal.sequences * cal.length
     workload = dict(dtype=config.dtype, window_length=cal.length, eval_tokens=ev.sequences * ev.length,
                     eval_length=ev.length)
@@ -178,6 +184,7 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import PROTOCOLS
     from .config_checks import DTYPES
 
     parser = argparse.ArgumentParser(prog="rayprune", description="Structured pruning of LLMs on Ray.")
@@ -201,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Held-out settings default to the run's data.evaluation.")
     ev.add_argument("model_or_run", metavar="MODEL_OR_RUN")
     ev.add_argument("--corpus", help="held-out corpus (default: the run's data.corpus, else wikipedia); its test split is used")
+    ev.add_argument("--protocol", choices=PROTOCOLS,
+                    help="cut the held-out windows as this paper does, from its corpus (WikiText-2 test) at its "
+                         "length (default: the run's data.protocol, else rayprune)")
     ev.add_argument("--sequences", type=int, help="held-out windows (default: the run's, else 16)")
     ev.add_argument("--length", type=int, help="tokens per window (default: the run's, else 256)")
     ev.add_argument("--seed", type=int, help="window seed (default: the run's, else 1234)")
@@ -208,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", choices=DTYPES, help="evaluate in this dtype (default: the run's, an export's own, "
                                                     "float32 for a dense model; auto: fp32 on a CPU)")
     ev.add_argument("--tasks", nargs="+", metavar="FILE_OR_NAME",
-                    help="zero-shot lm_eval tasks: local task YAML files or registered names (needs rayprune[eval])")
+                    help="zero-shot lm_eval tasks: local task YAML files, registered names, or a paper's set "
+                         "(blockpruner, multipruner: piqa winogrande hellaswag arc_easy arc_challenge; sprint: "
+                         "boolq instead of winogrande), which also prints the papers' average (needs rayprune[eval])")
     ev.add_argument("--limit", type=int, help="at most this many items per zero-shot task")
     ev.add_argument("--json", action="store_true", help="print the figures as JSON")
     ev.add_argument("--on", choices=["driver", "cluster"],

@@ -9,8 +9,8 @@ live in :mod:`orchestrator.config_load`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Iterable, Mapping
 
 #: Search methods the config accepts, and those implemented now. Extend ``IMPLEMENTED_METHODS`` only.
 METHODS: tuple[str, ...] = ("blockpruner", "multipruner", "sprint", "optuna", "evolution")
@@ -28,41 +28,103 @@ class ConfigError(ValueError):
 
 
 # ---- the config ---------------------------------------------------------------------------------
+#: Data protocols (``data.protocol``): rayprune's own windows, or a paper's calibration and held-out
+#: windows cut as its code cuts them (orchestrator/data/protocols.py).
+PROTOCOLS: tuple[str, ...] = ("rayprune", "blockpruner", "multipruner", "sprint", "evopress")
+_WIKITEXT2 = "hf:Salesforce/wikitext:wikitext-2-raw-v1"  # the hub's WikiText-2 (the papers' "wikitext")
+_WIKITEXT2_TEST = {"corpus": f"{_WIKITEXT2}:test:text", "sequences": None, "length": 2048, "seed": 0}
+#: What each protocol puts in every ``data`` key the config leaves unset (see :func:`with_protocol`).
+#: ``sequences: None``: every window the paper's cut gives (how many depends on the tokenizer).
+PROTOCOL_PRESETS: dict[str, dict[str, Any]] = {
+    "rayprune": {"corpus": "wikipedia", "calibration": {"sequences": 8, "length": 128, "seed": 0},
+                 "evaluation": {"sequences": 16, "length": 256, "seed": 1234}},
+    # BlockPruner block_search.py / eval.py: 256 Alpaca rows (its README), random.seed 42, WikiText-2 test
+    "blockpruner": {"corpus": "hf:tatsu-lab/alpaca:train:text",
+                    "calibration": {"rows": 256, "sequences": None, "length": 2048, "seed": 42},
+                    "evaluation": _WIKITEXT2_TEST},
+    # MultiPruner run_multipruner.py: 128 rows drawn for the width stages, then 256 for the block stage
+    "multipruner": {"corpus": "hf:tatsu-lab/alpaca:train:text",
+                    "calibration": {"rows": 256, "width_rows": 128, "sequences": None, "length": 2048, "seed": 42},
+                    "evaluation": _WIKITEXT2_TEST},
+    # SPRINT data_utils.get_wikitext2: 128 random 2048-token windows of WikiText-2 train, seed 0
+    "sprint": {"corpus": f"{_WIKITEXT2}:train:text", "calibration": {"sequences": 128, "length": 2048, "seed": 0},
+               "evaluation": _WIKITEXT2_TEST},
+    # EvoPress data_utils.get_fineweb_edu: 131,072 FineWeb-Edu tokens (32 x 4096, its Llama-2 length)
+    "evopress": {"corpus": "hf:HuggingFaceFW/fineweb-edu:sample-10BT:train:text",
+                 "calibration": {"sequences": 32, "length": 4096, "seed": 0},
+                 "evaluation": {**_WIKITEXT2_TEST, "length": 4096}},
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class WindowsConfig:
     """Token windows: ``sequences`` windows of ``length`` tokens drawn from the corpus with ``seed``.
 
     ``windows`` (calibration only): a Parquet file of exact token windows (column ``input_ids``,
     e.g. another run's ``calibration.parquet``) used instead of drawing; the other fields are then
-    not used to draw anything.
+    not used to draw anything. A key set to null (where null is allowed) takes the protocol's value;
+    ``sequences`` None there: every window the paper's cut gives (a number keeps the first that
+    many). ``rows``/``width_rows``: Alpaca rows the BlockPruner/MultiPruner protocols draw.
+    ``corpus`` (evaluation only): the held-out corpus (None: ``data.corpus``'s test split).
     """
 
-    sequences: int = 8
+    sequences: int | None = 8
     length: int = 128
     seed: int = 0
     windows: str | None = None
+    rows: int | None = None  # blockpruner, multipruner: Alpaca rows drawn (MultiPruner: for the block stage)
+    width_rows: int | None = None  # multipruner: rows drawn first, for the width stages
+    corpus: str | None = None  # evaluation: held-out corpus (paper protocols: WikiText-2 test)
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where the calibration and evaluation windows come from."""
+    """Where the calibration and evaluation windows come from, and how they are cut (``protocol``)."""
 
-    corpus: str = "wikipedia"  # a preset, a UTF-8 text file, or hf:<dataset>:<split>:<column>
+    protocol: str = "rayprune"  # see PROTOCOLS; a paper's name fills every unset key from PROTOCOL_PRESETS
+    corpus: str = "wikipedia"  # a preset, a UTF-8 text file, or hf:<dataset>[:<config>]:<split>:<column>
     calibration: WindowsConfig = field(default_factory=WindowsConfig)
     evaluation: WindowsConfig = field(
         default_factory=lambda: WindowsConfig(sequences=16, length=256, seed=1234)
     )
 
 
+def with_protocol(data: DataConfig, given: Mapping[str, Any] | None = None) -> DataConfig:
+    """``data`` with every key its config did not set (or set to null) taken from its protocol's preset.
+
+    ``given``: the ``data`` mapping as the config wrote it (which keys it set); None: nothing set
+    but ``protocol``. ``DataConfig(protocol="sprint")`` alone keeps rayprune's defaults: build it
+    with this function (``with_protocol(DataConfig(protocol="sprint"))``).
+    """
+    given = given if isinstance(given, Mapping) else {}
+    preset = PROTOCOL_PRESETS[data.protocol]
+    sections = {}
+    for name in ("calibration", "evaluation"):
+        set_here = given.get(name) if isinstance(given.get(name), Mapping) else {}
+        unset = {k: v for k, v in preset[name].items() if set_here.get(k) is None}
+        sections[name] = replace(getattr(data, name), **unset)
+    corpus = data.corpus if "corpus" in given else preset["corpus"]
+    return replace(data, corpus=corpus, **sections)
+
+
 @dataclass(frozen=True, kw_only=True)
 class SprintConfig:
-    """SPRINT settings (``search.method: sprint``); the latency scenario is prefill + decode, batch 1."""
+    """SPRINT settings (``search.method: sprint``); the latency scenario is prefill + decode, batch 1.
+
+    The defaults are what SPRINT's code (snudm-starlab/SPRINT) does; the other values are rayprune's
+    earlier behaviour."""
 
     top_k: int = 5  # candidates per step whose next MLP's down_proj is refitted and re-scored
     ridge: float = 2048.0  # refit's pull towards the current weights, worth about this many tokens; 0: plain LS
     checkpoint_every: int | None = None  # layers between activation checkpoints; None: num_layers // 4
-    latency_prompt: int = 512  # latency = prefill of this many tokens ...
-    latency_generate: int = 0  # ... + this many decoded tokens
+    metric: str = "l1"  # sum over sequences of |o - c| / |o|: l1 (SPRINT's l2_sentence computes L1) | l2
+    reference: str = "window"  # o: every block from the candidate to its target runs, removed ones too (SPRINT) | current
+    refit_target: str = "local"  # the refit reproduces o, the stream the score compares with (SPRINT) | dense
+    memory: bool = True  # choose among this step's tuned top_k and earlier tuned scores still valid (SPRINT)
+    no_mlp_score: str = "inf"  # tuned score of a candidate with no MLP after it: inf (SPRINT) | untuned
+    latency_prompt: int = 1024  # latency = prefill of this many tokens ... (SPRINT: 1024)
+    latency_generate: int = 512  # ... + this many decoded tokens (SPRINT: 512)
+    latency_fixed: bool = False  # also count the fixed part (embeddings, LM head); SPRINT: kept blocks only
     latency_repeats: int = 5  # timing rounds per measurement (median)
 
 
@@ -103,6 +165,12 @@ class SearchConfig:
     mlp_group: int | None = None  # MLP channels removed per width step
     head_group: int | None = None  # head units (KV groups under GQA) removed per head step
     order: tuple[str, ...] | None = None  # MultiPruner's stage order, e.g. [mlp, blocks, heads]; None: blocks, mlp, heads
+    # how a stage that is not the last ends: overshoot (MultiPruner's loop: a stage's last step may pass its
+    # budget, counted as MultiPruner counts) | within (never past its budget: rayprune before issue #14)
+    stage_stop: str = "overshoot"
+    # GQA head-unit L1 score of the channel order: n_rep (k/v rows weighed once per query head sharing them,
+    # as MultiPruner) | once (rayprune before issue #14); the same order without GQA
+    kv_weight: str = "n_rep"
     # Optuna: a study proposes whole masks with target_ratio <= ratio <= target_ratio + ratio_tolerance
     trials: int = 100  # masks the sampler proposes (repeats of a scored mask are free and not counted)
     batch: int | None = None  # trials asked per batch; None: two per evaluator

@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable
+from dataclasses import replace
+from typing import Any, Callable, Mapping
 
-from .config import (IMPLEMENTED_METHODS, METHODS, ClusterConfig, Config, DataConfig, EvolutionConfig, RacingConfig,
-                     SearchConfig, SprintConfig, WindowsConfig)
+from .config import (IMPLEMENTED_METHODS, METHODS, PROTOCOLS, ClusterConfig, Config, DataConfig, EvolutionConfig,
+                     RacingConfig, SearchConfig, SprintConfig, WindowsConfig, with_protocol)
 
 
 # ---- leaf checks: return the clean value or raise BadValue(reason; fix) --------------------------
@@ -208,6 +209,65 @@ def _no_windows(value: Any, path: str) -> None:
     return None
 
 
+# ---- data.protocol (orchestrator/data/protocols.py) ----------------------------------------------
+def _calibration_corpus(value: Any, path: str) -> None:
+    if value is not None:
+        raise BadValue("is not supported: calibration windows come from data.corpus; set data.corpus instead")
+    return None
+
+
+def _no_rows(value: Any, path: str) -> None:
+    if value is not None:
+        raise BadValue("is not supported: held-out windows are cut from the whole evaluation corpus; remove the key")
+    return None
+
+
+def _optional_corpus(value: Any, path: str) -> str | None:
+    return None if value is None else _string("hf:Salesforce/wikitext:wikitext-2-raw-v1:test:text")(value, path)
+
+
+_UNSET = object()
+_ROWS_PROTOCOLS = ("blockpruner", "multipruner")  # the Alpaca samplers: rows drawn, every window they give
+
+
+def protocol_problems(raw: Any, valid: Mapping[str, Any]) -> list[str]:
+    """``data`` settings that do not fit ``data.protocol``, one line each.
+
+    Only keys the config sets are judged (``raw``: its ``data`` mapping), and a null is never wrong
+    (it takes the protocol's value), so the resolved config.yaml of a run loads back unchanged.
+    """
+    protocol = valid.get("data.protocol")
+    if protocol is None:
+        return []
+    raw = raw if isinstance(raw, Mapping) else {}
+
+    def given(section: str, key: str) -> Any:
+        sub = raw.get(section)
+        return sub.get(key, _UNSET) if isinstance(sub, Mapping) else _UNSET
+
+    problems = []
+    for key, applies in (("rows", _ROWS_PROTOCOLS), ("width_rows", ("multipruner",))):
+        if given("calibration", key) not in (None, _UNSET) and protocol not in applies:
+            problems.append(f"data.calibration.{key}: Alpaca rows are drawn by the {' and '.join(applies)} "
+                            f"protocol{'s' if len(applies) > 1 else ''}, not {protocol}; remove it, or set "
+                            f"data.protocol={applies[0]}")
+    if protocol != "rayprune":
+        for dotted, value in (("data.corpus", raw.get("corpus", _UNSET)), ("data.evaluation.corpus",
+                                                                            given("evaluation", "corpus"))):
+            if isinstance(value, str) and not value.startswith("hf:") and not Path(value).expanduser().is_file():
+                problems.append(f"{dotted} {value!r}: the {protocol} protocol reads rows through datasets; give a hub "
+                                f"dataset hf:NAME[:CONFIG]:SPLIT:COLUMN or an existing local .jsonl/.json/.parquet/"
+                                f".txt file (relative to {os.getcwd()}), or remove the key for the paper's dataset")
+    return problems
+
+
+def resolve_protocol(config: Config | None, raw: Any) -> Config | None:
+    """``config`` with every ``data`` key its YAML left unset taken from ``data.protocol``'s preset."""
+    if config is None:
+        return None
+    return replace(config, data=with_protocol(config.data, raw if isinstance(raw, Mapping) else None))
+
+
 #: The ``dtype`` setting (``actors.models.DTYPES``; this module imports no torch).
 DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
 
@@ -225,14 +285,17 @@ def _optional_string(value: Any, path: str) -> str | None:
 
 # ---- the schema: section -> (dataclass, {key: check or subsection}) -----------------------------
 Section = tuple[type, dict[str, Any]]
-_WINDOWS: dict[str, Any] = {"sequences": _int(1, 8), "length": _int(1, 128), "seed": _int(0, 0)}
+_WINDOWS: dict[str, Any] = {"sequences": _int(1, 8, optional=True), "length": _int(1, 128), "seed": _int(0, 0)}
 SCHEMA: Section = (Config, {
     "name": _name,
     "model": _string("smollm2-135m"),
     "data": (DataConfig, {
+        "protocol": _one_of(PROTOCOLS),
         "corpus": _string("wikipedia"),
-        "calibration": (WindowsConfig, {**_WINDOWS, "windows": _windows_file}),
-        "evaluation": (WindowsConfig, {**_WINDOWS, "windows": _no_windows}),  # always drawn
+        "calibration": (WindowsConfig, {**_WINDOWS, "windows": _windows_file, "rows": _int(1, 256, optional=True),
+                                        "width_rows": _int(1, 128, optional=True), "corpus": _calibration_corpus}),
+        "evaluation": (WindowsConfig, {**_WINDOWS, "windows": _no_windows, "rows": _no_rows,
+                                       "width_rows": _no_rows, "corpus": _optional_corpus}),  # always drawn
     }),
     "search": (SearchConfig, {
         "method": _method,
@@ -245,6 +308,8 @@ SCHEMA: Section = (Config, {
         "mlp_group": _int(1, 256, optional=True),
         "head_group": _int(1, 1, optional=True),
         "order": _order,
+        "stage_stop": _one_of(("overshoot", "within")),
+        "kv_weight": _one_of(("n_rep", "once")),
         "trials": _int(1, 100),
         "batch": _int(1, 4, optional=True),
         "sampler": _one_of(("tpe", "nsga2")),
@@ -257,8 +322,14 @@ SCHEMA: Section = (Config, {
             "top_k": _int(1, 5),
             "ridge": _float(0.0, "0.1", strict=False),
             "checkpoint_every": _int(1, 7, optional=True),
-            "latency_prompt": _int(1, 512),
-            "latency_generate": _int(0, 0),
+            "metric": _one_of(("l1", "l2")),
+            "reference": _one_of(("window", "current")),
+            "refit_target": _one_of(("local", "dense")),
+            "memory": _bool,
+            "no_mlp_score": _one_of(("inf", "untuned")),
+            "latency_prompt": _int(1, 1024),
+            "latency_generate": _int(0, 512),
+            "latency_fixed": _bool,
             "latency_repeats": _int(1, 5),
         }),
         "evolution": (EvolutionConfig, {

@@ -26,11 +26,11 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from search_spaces import Arch, UnsupportedArchitecture
-from search_spaces.budget import check_multipruner, family_defaults
+from search_spaces.budget import check_multipruner, family_defaults, grid_group
 from search_spaces.mask_space import MaskSpace, check_optuna
 
 from .config import Config, ConfigError
-from .config_checks import SCHEMA, BadValue, Section
+from .config_checks import SCHEMA, BadValue, Section, protocol_problems, resolve_protocol
 from .files import atomic_write
 from .storage import uri_problem, uri_scheme
 
@@ -137,7 +137,7 @@ def _optuna_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
         return []
     return check_optuna(arch, valid["search.target_ratio"], valid.get("search.ratio_tolerance"),
                         widths=bool(valid.get("search.widths")),
-                        mlp_group=valid.get("search.mlp_group") or family_defaults(arch).mlp_group,
+                        mlp_group=valid.get("search.mlp_group") or grid_group(arch),
                         head_group=valid.get("search.head_group") or 1,
                         warm_start=valid.get("search.warm_start", "blockpruner"))
 
@@ -161,7 +161,8 @@ def _target_problems(valid: dict[str, Any]) -> list[str]:
 
 
 def _multipruner_problems(valid: dict[str, Any], arch: Arch) -> list[str]:
-    """MultiPruner settings against the model: group sizes that divide, a split that sums to 1."""
+    """MultiPruner settings against the model: groups that leave a step (an MLP group below the width;
+    it need not divide it, as in MultiPruner), a split that sums to 1."""
     defaults = family_defaults(arch)
     split = valid.get("search.split") or defaults.split
     return check_multipruner(arch, split, valid.get("search.mlp_group") or defaults.mlp_group,
@@ -233,8 +234,14 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
     valid: dict[str, Any] = {}
     config = _build(SCHEMA, raw, "", None, problems, valid)
+    problems.extend(protocol_problems(raw.get("data"), valid))  # data.protocol: its preset fills unset keys
+    config = resolve_protocol(config, raw.get("data"))
     problems.extend(_target_problems(valid))
     method = valid.get("search.method")
+    if method == "sprint" and config is not None and config.data.calibration.sequences is None:
+        problems.append(f"data.calibration.sequences: search.method=sprint sizes its activation checkpoints by the "
+                        f"number of calibration windows, which the {config.data.protocol} protocol leaves to its "
+                        f"cut of the text; set a number, e.g. data.calibration.sequences=128")
     if valid.get("search.racing.windows") is not None and method is not None and method not in ("blockpruner",
                                                                                                   "multipruner"):
         problems.append(f"search.racing.windows: racing applies to blockpruner and multipruner, not {method}; "
@@ -254,7 +261,7 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
             problems.extend(_optuna_problems(valid, arch))
         if arch is not None and valid.get("search.method") == "evolution" and valid.get("search.widths"):
             problems.extend(MaskSpace(arch, 0.5, widths=True, head_group=valid.get("search.head_group") or 1,
-                                      mlp_group=valid.get("search.mlp_group") or family_defaults(arch).mlp_group
+                                      mlp_group=valid.get("search.mlp_group") or grid_group(arch)
                                       ).group_problems())
     output = valid.get("output") or (f"runs/{valid['name']}" if "name" in valid else None)
     if output is not None and (problem := _output_problem(output)):

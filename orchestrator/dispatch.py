@@ -159,6 +159,11 @@ class Dispatcher:
         self._restarting: dict[Any, Any] = {}  # readiness probe -> actor that is loading (or Ray restarts)
         self._answered: set[int] = set()  # ids of actors that answered once: they had loaded
 
+    @property
+    def loading(self) -> int:
+        """Actors not answering yet (their model loading, or loading again after a restart)."""
+        return len(self._restarting)
+
     def call(self, method: str, *args: Any, timeout_s: float | None = None) -> Any:
         """``method(*args)`` on the first free evaluator (the same one while it lives, so its memo
         helps), with the retries of :meth:`run`; RuntimeError once every attempt failed."""
@@ -194,7 +199,10 @@ class Dispatcher:
                     continue
                 raise RuntimeError(f"every evaluator died for good; {len(queue)} task(s) left undone. The Ray "
                                    f"logs of the evaluator processes say why (e.g. its model no longer loads)")
-            ready, _ = ray.wait([*in_flight, *self._restarting], num_returns=1, timeout=self.poll_s)
+            waiting = [*in_flight, *self._restarting]
+            ready, rest = ray.wait(waiting, num_returns=1, timeout=self.poll_s)
+            if ready and rest:  # everything else already done too: every free actor is seen before work is handed out
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 if ref in self._restarting:
                     idle.extend(self._restarted(ref))

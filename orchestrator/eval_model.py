@@ -60,9 +60,12 @@ def _is_export(path: Path) -> bool:
 
 
 def _run_evaluation(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's held-out settings as its config.yaml resolved them (a paper protocol's included)."""
     data = config.get("data") or {}
-    evaluation = {k: v for k, v in (data.get("evaluation") or {}).items() if k in ("sequences", "length", "seed")}
-    return {"corpus": data.get("corpus", "wikipedia"), **evaluation}
+    held = data.get("evaluation") or {}
+    evaluation = {k: v for k, v in held.items() if k in ("sequences", "length", "seed")}
+    return {"protocol": data.get("protocol", "rayprune"), "corpus": held.get("corpus") or data.get("corpus", "wikipedia"),
+            **evaluation}
 
 
 def load_target(spec: str, *, dtype: str | None = None) -> Target:
@@ -106,31 +109,40 @@ def load_target(spec: str, *, dtype: str | None = None) -> Target:
 
 def evaluate_model(target: Target, *, corpus: str | None = None, sequences: int | None = None,
              length: int | None = None, seed: int | None = None, tasks: Sequence[str] = (),
-             batch_size: int = 4, limit: int | None = None) -> dict[str, Any]:
+             batch_size: int = 4, limit: int | None = None, protocol: str | None = None) -> dict[str, Any]:
     """Held-out perplexity, and zero-shot metrics for ``tasks``, as one JSON-ready dict.
 
     Unset settings come from the run's config, else from the config defaults (``DataConfig``).
+    ``protocol`` (a paper's, see ``data.protocol``) cuts the held-out windows as that paper does,
+    by default from its corpus (WikiText-2 test) at its length: ``--protocol multipruner`` gives
+    the figure its tables report.
     """
     from actors.heldout import heldout_score, perplexity
     from actors.surgery import count_parameters
 
-    from .config import DataConfig
+    from .config import PROTOCOLS, DataConfig, with_protocol
     from .data.windows import heldout_windows
 
-    default = DataConfig()
-    base = {"corpus": default.corpus, "sequences": default.evaluation.sequences,
-            "length": default.evaluation.length, "seed": default.evaluation.seed, **target.evaluation}
+    chosen = protocol or target.evaluation.get("protocol") or "rayprune"
+    if chosen not in PROTOCOLS:
+        raise ValueError(f"protocol {chosen!r} is not one of {', '.join(PROTOCOLS)}")
+    default = with_protocol(DataConfig(protocol=chosen))
+    base = {"corpus": default.evaluation.corpus or default.corpus, "sequences": default.evaluation.sequences,
+            "length": default.evaluation.length, "seed": default.evaluation.seed}
+    if protocol is None or protocol == target.evaluation.get("protocol"):
+        base |= {k: v for k, v in target.evaluation.items() if k != "protocol"}  # the run's own settings
     given = {"corpus": corpus, "sequences": sequences, "length": length, "seed": seed}
-    settings = base | {k: v for k, v in given.items() if v is not None}
-    windows = heldout_windows(target.tokenizer, settings["corpus"], int(settings["sequences"]),
-                              int(settings["length"]), int(settings["seed"]))
+    settings = base | {k: v for k, v in given.items() if v is not None} | {"protocol": chosen}
+    windows = heldout_windows(target.tokenizer, settings["corpus"],
+                              None if settings["sequences"] is None else int(settings["sequences"]),
+                              int(settings["length"]), int(settings["seed"]), protocol=chosen)
     score = heldout_score(target.model, windows, batch_size=batch_size)
     result: dict[str, Any] = {
         "model": target.source, "kind": target.kind, "params": count_parameters(target.model), "dtype": target.dtype,
         "heldout": {"ppl": perplexity(score), "nll_sum": score.nll_sum, "tokens": score.tokens,
-                    "seconds": score.seconds, **settings},
+                    "seconds": score.seconds, **settings, "windows": int(windows.shape[0])},
     }
-    if target.recorded and settings == base:  # the run's own windows: its figures are comparable
+    if target.recorded and settings == base | {"protocol": chosen}:  # the run's own windows: comparable figures
         result["recorded_heldout"] = target.recorded
     if tasks:
         from actors.zeroshot import zero_shot
@@ -143,8 +155,7 @@ def format_result(result: dict[str, Any]) -> str:
     """The human-readable form ``rayprune eval`` prints without ``--json``."""
     held = result["heldout"]
     lines = [f"model: {result['model']} ({result['kind']}, {result['params']:,} parameters, {result.get('dtype', 'float32')})",
-             f"held-out perplexity: {held['ppl']:.3f} ({held['corpus']} test split, {held['sequences']} x "
-             f"{held['length']} tokens, seed {held['seed']}; {held['tokens']:,} predicted tokens, "
+             f"held-out perplexity: {held['ppl']:.3f} ({_windows_line(held)}; {held['tokens']:,} predicted tokens, "
              f"{held['seconds']:.1f} s)"]
     recorded = result.get("recorded_heldout")
     if recorded and "pruned_ppl" in recorded:
@@ -155,3 +166,11 @@ def format_result(result: dict[str, Any]) -> str:
         lines.append(f"{task}: {shown}" + (f" (stderr {', '.join(f'{v:.4f}' for v in errors.values())})" if errors else "")
                      + f" on {int(metrics.get('samples', 0))} items")
     return "\n".join(lines)
+
+
+def _windows_line(held: dict[str, Any]) -> str:
+    protocol = held.get("protocol", "rayprune")
+    windows = held.get("windows", held["sequences"])
+    if protocol == "rayprune":
+        return f"{held['corpus']} test split, {windows} x {held['length']} tokens, seed {held['seed']}"
+    return f"{held['corpus']}, {windows} consecutive windows of {held['length']} tokens as the {protocol} protocol cuts them"

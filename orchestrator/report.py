@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from search_spaces import Arch, Mask
 
+from .data.protocols import describe_protocol
 from .rundir import RunDir, final_mask
 
 log = logging.getLogger("rayprune")
@@ -157,6 +158,7 @@ def write_report(run_dir: Path) -> Path:
     mask = final_mask(path)
     stale = _refresh_pruning_config(rundir, path, mask)
     lines = [f"# rayprune report: {run_dir.name}", ""] + _summary(path, config, mask)
+    lines += [describe_protocol(config["data"]), ""] if isinstance(config.get("data"), dict) else []
     lines += ["## Dense vs pruned", ""] + _quality_table(path)
     lines += ["## Removal path", "", path_table(path), ""]
     if path["steps"]:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .scorer import Scorer
 
 log = logging.getLogger("rayprune")
+WIDTH_WINDOWS = "calibration_width"  # MultiPruner's width-stage rows (data.protocol: multipruner)
 
 
 class SearchRun(Protocol):
@@ -49,16 +50,21 @@ class PerplexityRun:
         self._logged = 0
 
     def searcher(self) -> Searcher:
+        from actors.models import read_model_config
+
         return make_searcher(self.config.search, self.scorer.arch, run_dir=self.rundir.path,
                              pool_size=len(self.scorer.dispatcher.actors),
-                             known=self.scorer.known(self.window_set, self.fitness))
+                             known=self.scorer.known(self.window_set, self.fitness),
+                             hf_config=read_model_config(self.config.model),
+                             width_windows=WIDTH_WINDOWS if WIDTH_WINDOWS in self.scorer.fingerprints else None)
 
     def answer(self, searcher: Searcher, proposal: Proposal) -> None:
+        window_set = proposal.window_set or self.window_set  # MultiPruner's width stages: their own rows
         if proposal.levels:  # fidelity levels: scores from cached segments of the windows
-            scores = self.scorer.score_upto(proposal.masks, proposal.base, self.window_set, proposal.fidelity,
+            scores = self.scorer.score_upto(proposal.masks, proposal.base, window_set, proposal.fidelity,
                                             proposal.levels, proposal.label, self.fitness)
         else:
-            scores = self.scorer.score(proposal.masks, proposal.base, self.window_set, proposal.label, self.fitness)
+            scores = self.scorer.score(proposal.masks, proposal.base, window_set, proposal.label, self.fitness)
         searcher.observe(scores)
         for s in searcher.path[self._logged:]:  # steps new since the last batch
             what = f"Optuna trial {s.layer}" if s.kind == "trial" else f"remove {s.kind} {s.layer}"

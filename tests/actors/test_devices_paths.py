@@ -310,3 +310,91 @@ def test_sprint_phases_and_kl_on_a_bf16_replica_over_two_gpus(checkpoints, tmp_p
     for i, expected in enumerate(kl_expected):
         assert sum(k[i]["nll_sum"] for k in kl_shards) == pytest.approx(expected["nll_sum"], rel=1e-5, abs=1e-6)
         assert sum(k[i]["tokens"] for k in kl_shards) == expected["tokens"]
+
+
+# ---- the GQA channel order (MultiPruner's n_rep weighting) on a bf16 replica over two GPUs -----------
+def test_head_units_in_multipruners_order_on_a_bf16_replica_over_two_gpus(tmp_path, family):
+    """Layer 3 (on cuda:1) planted so that the two weightings of k/v disagree: the replica's order is
+    MultiPruner's (unit 1 first), its rows sit on cuda:1 in bf16, a one-unit width keeps that unit,
+    and the scores equal the plain CPU replica's of the same order; the earlier order keeps the other."""
+    from safetensors.torch import load_file
+
+    from actors.permutation import METHOD_KV_REP, checkpoint_permutation
+    from tests.actors.test_permutation import planted_state
+    from tests.tiny import tiny_model
+
+    arch = tiny_arch(family)
+    model = tiny_model(family)
+    model.load_state_dict(planted_state(family, arch, layer=3))
+    path = tmp_path / "planted"
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    windows = {"calibration": _windows(4, 24, 3)}
+    masks = [Mask().to_json(), Mask(head_units={3: 1}).to_json(), Mask(head_units={3: 1}, mlp_width={1: 24}).to_json()]
+    once = checkpoint_permutation(path, kv_weight="once")
+    kwargs = dict(model=str(path), windows=windows, batch_size=2, dtype="bfloat16")
+    expected = {name: Evaluator(**kwargs, permutation=p).evaluate("calibration", masks, Mask().to_json())
+                for name, p in (("n_rep", None), ("once", once))}
+    with emulated_gpus():
+        replica = Evaluator(**kwargs, device_map=accelerate_map(2, tied=False))
+        earlier = Evaluator(**kwargs, device_map=accelerate_map(2, tied=False), permutation=once)
+        assert replica.permutation.method == METHOD_KV_REP and replica.permutation.units[3].tolist() == [1, 0]
+        assert earlier.permutation.units[3].tolist() == [0, 1]
+        q = replica.model.model.layers[3].self_attn.q_proj.weight
+        k = replica.model.model.layers[3].self_attn.k_proj.weight
+        assert device_of(q) == device_of(k) == "cuda:1" and q.dtype == torch.bfloat16
+        stored = load_file(str(path / "model.safetensors"))
+        g, hd = arch.heads_per_unit, arch.head_dim
+        assert torch.equal(q[: g * hd].cpu(), stored["model.layers.3.self_attn.q_proj.weight"][g * hd:].to(torch.bfloat16))
+        assert torch.equal(k[:hd].cpu(), stored["model.layers.3.self_attn.k_proj.weight"][hd:].to(torch.bfloat16))
+        got = {"n_rep": replica.evaluate("calibration", masks, Mask().to_json()),
+               "once": earlier.evaluate("calibration", masks, Mask().to_json())}
+    for name in got:
+        _same_scores(got[name], expected[name], masks)
+    assert got["n_rep"][0]["nll_sum"] == pytest.approx(got["once"][0]["nll_sum"], rel=1e-2)  # dense: same model
+    assert got["n_rep"][1]["nll_sum"] != got["once"][1]["nll_sum"]  # one unit kept: a different one
+
+
+# ---- SPRINT's semantics across the device boundary: windows, memory, refit targets, bf16 over 2 GPUs -----
+@pytest.mark.parametrize("refit_target", ["local", "dense"])
+def test_sprint_windows_memory_and_refit_targets_on_a_bf16_replica_over_two_gpus(checkpoints, tmp_path, refit_target):
+    """MLP 1 (cuda:0) and attention 2 (cuda:1) removed: the ``window`` references of attention 1 and
+    MLP 0 run them again across the boundary, MLP 1 with the refit it carried when it was removed; a
+    remembered score (attention 1, target MLP 2 on cuda:1) wins and is refitted again after the
+    rescore; the refit aims at the reference (``local``) or the dense stream. Sharded over two
+    window shards on the emulated GPUs, the numbers of a bf16 CPU replica running the whole step."""
+    from orchestrator.rundir import StepStore
+    from orchestrator.sprint_pool import PoolStep
+    from search_spaces.latency import BlockCosts
+    from search_spaces.sprint import StepRequest, present_blocks, tensor_key
+    from tests.orchestrator.test_sprint_pool import InProcessPool
+
+    path = checkpoints("llama", False)
+    arch = tiny_arch("llama")
+    windows = {"calibration": _windows(8, 20, 11)}
+    mask = MASKS[1]
+    dormant = (0.05 * np.random.default_rng(2).standard_normal((arch.hidden_size, arch.intermediate_size))
+               ).astype(np.float32)
+    sha = tensor_key(dormant.shape, "float32", dormant.tobytes())
+    stores = [StepStore(tmp_path / "one"), StepStore(tmp_path / "two")]
+    for store in stores:
+        store.save_weight(dormant, sha)
+    request = StepRequest("calibration", mask, tuned=((1, sha),), candidates=tuple(present_blocks(mask, LAYERS)),
+                          costs=BlockCosts(0.0, 0.1, 0.25), top_k=2, ridge=0.1, checkpoint_every=1,
+                          refit_target=refit_target, remembered=((2, 0.0),))
+    reference = Evaluator(model=path, windows=windows, batch_size=2, dtype="bfloat16", device_map=None)
+    whole = PoolStep(InProcessPool([reference]), stores[0], num_layers=LAYERS, n_windows={"calibration": 8},
+                     batch_size=2, timeout_s=60).run(request)
+    with emulated_gpus(2):
+        evaluator = Evaluator(model=path, windows=windows, batch_size=2, dtype="bfloat16",
+                              device_map=accelerate_map(2, False))
+        pool = PoolStep(InProcessPool([evaluator, evaluator]), stores[1], num_layers=LAYERS,
+                        n_windows={"calibration": 8}, batch_size=2, timeout_s=60)
+        sharded = pool.run(request)
+    assert sharded["shards"] == 2 and sharded["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-5)
+    for s, value in whole["sensitivity"].items():
+        assert sharded["sensitivity"][s] == pytest.approx(value, rel=1e-4, abs=1e-6), s
+    assert sharded["top"] == whole["top"] and 2 not in whole["top"]
+    assert [t["status"] for t in sharded["tuned"]] == [t["status"] for t in whole["tuned"]]
+    assert sharded["choice"]["block"] == whole["choice"]["block"] == 2 and whole["choice"]["status"] == "ok"
+    np.testing.assert_allclose(sharded["choice"]["weight"], whole["choice"]["weight"], rtol=1e-3, atol=1e-4)

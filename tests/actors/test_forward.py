@@ -75,3 +75,65 @@ def test_l1_reordering_leaves_logits_unchanged(family):
     unit_scores = sum(p.weight.abs().view(units, -1).sum(1) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     assert torch.all(unit_scores[:-1] >= unit_scores[1:])
     assert not torch.equal(tiny_model(family).model.layers[1].mlp.gate_proj.weight, mlp.gate_proj.weight)
+
+
+# ---- sliding windows: per layer, as transformers applies them --------------------------------------
+def _windowed(family: str, **window):
+    """A tiny model of ``family`` with a sliding window of 6 tokens (and its Arch)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from search_spaces import Arch
+    from tests.tiny import COMMON
+
+    torch.manual_seed(4)
+    config = AutoConfig.for_model(family, **COMMON, **window)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model, Arch.from_hf_config(config.to_dict())
+
+
+@pytest.mark.parametrize("family,window,expected", [
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=2), [None, None, 6, 6]),
+    ("qwen2", dict(use_sliding_window=True, sliding_window=6, max_window_layers=0), [6, 6, 6, 6]),
+    ("qwen2", dict(use_sliding_window=False, sliding_window=6, max_window_layers=2), [None] * 4),
+    ("mistral", dict(sliding_window=6), [6, 6, 6, 6]),
+], ids=["qwen2-from-layer-2", "qwen2-all", "qwen2-off", "mistral"])
+def test_sliding_window_applies_where_transformers_applies_it(family, window, expected):
+    """Qwen2 slides only at or past max_window_layers (transformers' layer_types); the lean forward
+    gives transformers' own logits, masked blocks included (against the physically pruned model)."""
+    from actors.forward import layer_windows
+
+    model, arch = _windowed(family, **window)
+    assert layer_windows(model.config, arch) == expected
+    ids = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))  # 24 > 6
+    with torch.inference_mode():
+        lean = LeanDecoder(model, arch)
+        torch.testing.assert_close(lean.forward_logits(ids, Mask()), model(ids).logits, atol=1e-5, rtol=0)
+        mask = Mask(attn_removed={1}, head_units={2: 1}, mlp_width={3: 16})
+        masked = lean.forward_logits(ids, mask)
+        pruned = prune_model_(_windowed(family, **window)[0], mask, arch)(ids).logits
+    torch.testing.assert_close(masked, pruned, atol=1e-5, rtol=0)
+
+
+def test_a_window_on_every_qwen2_layer_is_not_what_transformers_computes():
+    """The check above can fail: windowing the full-attention layers 0-1 too changes the logits."""
+    model, arch = _windowed("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    ids = torch.randint(0, arch.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        lean = LeanDecoder(model, arch)
+        lean.windows = [6] * arch.num_layers
+        assert (lean.forward_logits(ids, Mask()) - model(ids).logits).abs().max() > 1e-3
+
+
+def test_layer_types_of_the_wrong_length_are_refused_and_a_missing_list_is_derived():
+    import types
+
+    from actors.forward import layer_windows
+
+    _, arch = _windowed("qwen2", use_sliding_window=True, sliding_window=6, max_window_layers=2)
+    assert layer_windows(types.SimpleNamespace(max_window_layers=3), arch) == [None, None, None, 6]
+    with pytest.raises(ValueError, match="layer_types has 3 entries for 4 layers"):
+        layer_windows(types.SimpleNamespace(layer_types=["full_attention"] * 3), arch)

@@ -12,9 +12,9 @@ import torch
 from actors.evaluator import Evaluator
 from actors.export import compact_model, export_compact, load_pruned
 from actors.fingerprint import model_fingerprint
-from actors.permutation import (BadPermutation, Permutation, apply_permutation_, checkpoint_permutation,
-                                permutation_for, state_permutation)
-from search_spaces import Mask
+from actors.permutation import (METHOD, METHOD_KV_REP, BadPermutation, Permutation, apply_permutation_,
+                                checkpoint_permutation, l1_permutation, permutation_for, state_permutation)
+from search_spaces import Arch, Mask
 from tests.tiny import save_tiny, tiny_arch, tiny_model
 
 WIDTH = 24  # of the tiny models' 48 MLP channels: a width mask that keeps half
@@ -179,3 +179,77 @@ def test_sprint_refits_exported_in_another_dtype_land_on_the_same_channels(tiny_
     assert torch.equal(mlp.gate_proj.weight, gate[channels])
     assert torch.equal(mlp.gate_proj.weight.to(torch.bfloat16),
                        replica.model.model.layers[layer].mlp.gate_proj.weight[:WIDTH])
+
+
+# ---- GQA head units: k and v weighed n_rep times, as MultiPruner's reorder_in_attn_block -----------
+def multipruner_unit_order(state, arch, layer: int) -> list[int]:
+    """reorder_in_attn_block written out from its code: k and v viewed as (kv heads, head_dim, hidden),
+    expanded to one copy per query head, row L1 norms added to q's, averaged per KV group (n_rep x
+    head_dim rows), sorted descending."""
+    n_rep, hd, hidden = arch.heads_per_unit, arch.head_dim, arch.hidden_size
+    prefix = f"model.layers.{layer}.self_attn."
+    total = state[prefix + "q_proj.weight"].double().abs().sum(1)
+    for name in ("k_proj", "v_proj"):
+        w = state[prefix + name + ".weight"].double().view(-1, hd, hidden)
+        w = w[:, None].expand(arch.num_kv_heads, n_rep, hd, hidden).reshape(arch.num_kv_heads * n_rep * hd, hidden)
+        total = total + w.abs().sum(1)
+    per_head = total.view(-1, n_rep * hd).mean(-1)
+    return torch.sort(per_head, descending=True).indices.tolist()
+
+
+def planted_state(family: str, arch, layer: int = 1):
+    """The tiny model with ``layer``'s units scaled so that unit 0 leads on q and unit 1 on k/v: the
+    L1 order of its units then depends on how often k and v count (q0 + kv0 = 11 > 10 = q1 + kv1,
+    q0 + 2 kv0 = 12 < 15 = q1 + 2 kv1)."""
+    state = {k: v.clone() for k, v in tiny_model(family).state_dict().items()}
+    hd, g = arch.head_dim, arch.heads_per_unit
+    prefix = f"model.layers.{layer}.self_attn."
+    with torch.no_grad():
+        for unit, (q_sum, kv_sum) in enumerate([(10.0, 1.0), (5.0, 5.0)]):
+            q = state[prefix + "q_proj.weight"][unit * g * hd:(unit + 1) * g * hd]
+            q.mul_(q_sum / q.abs().sum())
+            for name in ("k_proj", "v_proj"):
+                kv = state[prefix + name + ".weight"][unit * hd:(unit + 1) * hd]
+                kv.mul_(kv_sum / 2 / kv.abs().sum())
+    return state
+
+
+def test_gqa_units_are_ordered_as_multipruners_reorder(family):
+    arch = tiny_arch(family)
+    assert arch.heads_per_unit == 2
+    for state in (tiny_model(family).state_dict(), planted_state(family, arch)):
+        ours = state_permutation(state, arch)
+        assert ours.method == METHOD_KV_REP
+        assert [ours.units[l].tolist() for l in range(arch.num_layers)] == \
+            [multipruner_unit_order(state, arch, l) for l in range(arch.num_layers)]
+    planted = planted_state(family, arch)
+    assert state_permutation(planted, arch).units[1].tolist() == [1, 0]
+    once = state_permutation(planted, arch, kv_weight="once")
+    assert once.method == METHOD and once.units[1].tolist() == [0, 1]  # rayprune's order before issue #14
+
+
+def test_the_two_weightings_have_their_own_tags_and_a_stored_order_of_the_other_is_not_reused(tiny_dir, tmp_path):
+    ours = checkpoint_permutation(tiny_dir)
+    old = checkpoint_permutation(tiny_dir, kv_weight="once")  # what a run before issue #14 stored
+    assert (ours.method, old.method) == (METHOD_KV_REP, METHOD) and ours.tag != old.tag
+    assert checkpoint_permutation(tiny_dir) is not old and checkpoint_permutation(tiny_dir).method == METHOD_KV_REP
+    stored = Permutation.load(old.save(tmp_path / "permutation.safetensors"))  # old files still load
+    assert stored.method == METHOD and stored.digest == old.digest
+    fresh = permutation_for(str(tiny_dir), stored)
+    assert fresh.method == METHOD_KV_REP and fresh.tag == ours.tag != stored.tag
+    assert permutation_for(str(tiny_dir), stored, kv_weight="once") is stored
+    assert permutation_for(str(tiny_dir), ours) is ours
+    with pytest.raises(ValueError, match="kv_weight 'twice' must be one of n_rep, once"):
+        checkpoint_permutation(tiny_dir, kv_weight="twice")
+
+
+def test_without_gqa_both_weightings_are_one_order_with_the_earlier_name():
+    """No GQA (Llama-2, Qwen1.5): k and v rows count once either way, so the order keeps the name,
+    digest and tag that runs before issue #14 stored, and their caches still serve."""
+    arch = Arch("llama", 2, 16, 24, 2, 2, 8, 50, False)
+    rng = np.random.default_rng(0)
+    rows = {f"layers.{i}.{n}": rng.random(24 if "mlp" in n else 16) for i in range(2)
+            for n in ("mlp.gate_proj", "mlp.up_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")}
+    a = l1_permutation(rows.__getitem__, arch, "ck")
+    b = l1_permutation(rows.__getitem__, arch, "ck", kv_weight="once")
+    assert a.method == b.method == METHOD and a.digest == b.digest

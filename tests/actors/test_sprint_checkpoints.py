@@ -24,17 +24,18 @@ def _windows(arch, n=6, t=20, seed=3):
 
 
 def _step(decoder, windows, mask, memo, *, candidates=None, known=(), tuned=(), weights=None, parent=None,
-          unchanged_before=0, every=1):
+          unchanged_before=0, every=1, refit_target="local"):
     candidates = present_blocks(mask, decoder.arch.num_layers) if candidates is None else candidates
     request = StepRequest("calibration", mask, tuned, tuple(candidates), tuple(known), COSTS, top_k=8, ridge=0.1,
-                          checkpoint_every=every, parent=parent, unchanged_before=unchanged_before)
+                          checkpoint_every=every, parent=parent, unchanged_before=unchanged_before,
+                          refit_target=refit_target)
     return run_step(decoder, windows, 4, request, weights or {}, memo)
 
 
-def _two_steps(decoder, windows, memo, every):
+def _two_steps(decoder, windows, memo, every, refit_target="local"):
     """A step from the dense model, then the step after removing its choice with its refit, walking
     from the first step's checkpoints (so parked ones are brought back and used)."""
-    first = _step(decoder, windows, Mask(), memo, every=every)
+    first = _step(decoder, windows, Mask(), memo, every=every, refit_target=refit_target)
     choice = first["choice"]
     after = Mask().remove(Block.from_index(choice["block"]))
     tuned, weights = (), {}
@@ -43,7 +44,7 @@ def _two_steps(decoder, windows, memo, every):
     rescore = rescore_after(after, decoder.arch.num_layers, choice["block"])
     known = [(s, first["sensitivity"][s]) for s in present_blocks(after, decoder.arch.num_layers) if s not in rescore]
     second = _step(decoder, windows, after, memo, candidates=rescore, known=known, tuned=tuned, weights=weights,
-                   parent=first["state"], unchanged_before=choice["block"], every=every)
+                   parent=first["state"], unchanged_before=choice["block"], every=every, refit_target=refit_target)
     return first, second
 
 
@@ -63,9 +64,10 @@ def _same_step(got, expected):
         assert np.allclose(got["choice"]["weight"], expected["choice"]["weight"], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("refit_target", ["local", "dense"])  # dense: the dense model's checkpoints too
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("every", [1, 2])
-def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, tied, every, monkeypatch):
+def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, tied, every, refit_target, monkeypatch):
     import actors.sprint
 
     homes_of_sums: list[str] = []
@@ -83,12 +85,12 @@ def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, t
         decoder = LeanDecoder(model, arch)
         ids = windows.to(decoder.embed_tokens.weight.device)
         plain = Checkpoints()
-        expected = _two_steps(decoder, ids, plain, every)
+        expected = _two_steps(decoder, ids, plain, every, refit_target)
         assert plain.parked() == 0 and plain.device_bytes() > 0  # no CUDA to ask: no default budget here
         assert homes_of_sums and all(h.startswith("cuda") for h in homes_of_sums)  # refit sums on the GPUs
         homes_of_sums.clear()
         budgeted = Checkpoints(memory_budget=1)
-        got = _two_steps(decoder, ids, budgeted, every)
+        got = _two_steps(decoder, ids, budgeted, every, refit_target)
         assert homes_of_sums and set(homes_of_sums) == {"cpu"}  # beyond the budget: in host memory
         assert budgeted.device_bytes() == 0 and budgeted.parked() > 0
         kept = [t for streams in budgeted._states.values() for t in streams.values()]
@@ -100,7 +102,7 @@ def test_tiny_budget_parks_checkpoints_on_the_host_and_changes_nothing(family, t
         for t in kept:
             assert device_of(t[1:3]) == str(t.device) and t[1:3].shape == (2, *t.shape[1:])
     # The second step walked from a parked checkpoint (every=1; with every=2 the one before its first
-    # candidate is block 0), and both steps' refits read the parked dense checkpoints.
+    # candidate is block 0), and (dense target) both steps' refits read the parked dense checkpoints.
     assert got[1]["walk_start"] > 0 or every == 2
     for g, e in zip(got, expected):
         _same_step(g, e)

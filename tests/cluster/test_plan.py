@@ -21,12 +21,12 @@ def test_engine_never_slower_and_more_gpus_never_slower(method):
     hw = Hardware(tiling="shards")
     previous = math.inf
     for gpus in (1, 2, 8, 64):
-        plan = plan_campaign(LLAMA7, "7b", method, 0.2, 65536, gpus, hw, mlp_group=688)
+        plan = plan_campaign(LLAMA7, "7b", method, 0.2, 65536, gpus, hw, mlp_group=1024)
         assert plan.hours_engine <= plan.hours_naive
         assert plan.hours_engine <= previous
         previous = plan.hours_engine
-    assert plan_campaign(LLAMA7, "7b", method, 0.2, 65536, 1, hw, mlp_group=688).hours_engine < \
-        plan_campaign(LLAMA7, "7b", method, 0.2, 65536, 1, hw, mlp_group=688).hours_naive * 0.7
+    assert plan_campaign(LLAMA7, "7b", method, 0.2, 65536, 1, hw, mlp_group=1024).hours_engine < \
+        plan_campaign(LLAMA7, "7b", method, 0.2, 65536, 1, hw, mlp_group=1024).hours_naive * 0.7
 
 
 def test_memory_decides_gpus_per_replica():
@@ -296,7 +296,7 @@ def test_loading_held_out_and_export_appear_and_scale_with_the_dtype():
     assert gpus_per_replica(LLAMA70, Hardware(), "float32") == 5
     measured = Hardware(fp32_tflops=0.05)  # a CPU's measured rate is taken as given
     assert measured.flops("float32") == 5e10 and Hardware().flops("float32") == 17.5e12
-    multi = plan_campaign(LLAMA7, "7b", "multipruner", 0.22, 65536, 8, hw, replica_gpus=1, mlp_group=688)
+    multi = plan_campaign(LLAMA7, "7b", "multipruner", 0.22, 65536, 8, hw, replica_gpus=1, mlp_group=1024)
     assert multi.load_s == pytest.approx(2 * weights)  # the channel order reads the checkpoint once more
 
 

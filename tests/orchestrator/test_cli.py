@@ -57,3 +57,25 @@ def test_inspect_counts_from_config_json_alone(tmp_path, capsys):
     assert figures["dense_params"] == 6_738_415_616
     removed = 3 * (4 * 4096 * 4096 + 4096) + (3 * 4096 * 11008 + 4096) + 6 * 128 * 4096 * 4 + (11008 - 5888) * 3 * 4096
     assert figures["kept_params"] == 6_738_415_616 - removed
+
+
+@pytest.mark.parametrize("name", ["Llama-2-7B", "Meta-Llama-3-8B"])
+def test_inspect_gives_the_published_counts_of_multipruners_configs(tmp_path, capsys, name):
+    """MultiPruner's published pruning_config.json files (tests/data/multipruner/SOURCE.md) through
+    ``rayprune inspect``: the dense and kept counts of their eval.res.json (MultiPruner keeps the
+    norm weights of removed blocks; rayprune's kept count is lower by exactly those)."""
+    from tests.orchestrator.test_multipruner_published import DATA, PUBLISHED
+
+    config, file, dense, kept = PUBLISHED[name]
+    model = tmp_path / name
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(config))
+    pruning = DATA / file
+    assert cli.main(["inspect", str(model), "--pruning-config", str(pruning), "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    data = json.loads(pruning.read_text())
+    removed_norms = config["hidden_size"] * (len(data["pruned_attn_idx"]) + len(data["pruned_mlp_idx"]))
+    assert figures["dense_params"] == dense
+    assert figures["kept_params"] == kept - removed_norms
+    assert cli.main(["inspect", str(model), "--pruning-config", str(pruning)]) == 0
+    assert f"{kept:,} counting them" in capsys.readouterr().out

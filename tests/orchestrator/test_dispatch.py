@@ -205,6 +205,9 @@ def test_loading_a_model_is_never_timed(ray_session, tmp_path):
 def test_a_task_goes_to_the_actor_it_prefers_when_that_one_is_free(actors, ray_session):
     pids = ray_session.get([a.pid.remote() for a in actors])
     dispatcher = Dispatcher(actors, timeout_s=30)
+    list(dispatcher.run([Call("", [], method="pid")]))
+    while dispatcher.loading:  # until both have answered their readiness probe (a loaded actor answers at once)
+        list(dispatcher.run([Call("", [], method="pid")]))
     for round_ in range(2):  # whatever order the actors became free in, each shard returns to its actor
         tasks = [Call("", [], method="pid", prefer=i) for i in (1, 0)]
         assert {t.prefer: o.rows for o in dispatcher.run(tasks) for t in [o.task]} == {0: pids[0], 1: pids[1]}

@@ -66,19 +66,27 @@ def score(mask: Mask) -> float:
 
 def sprint_step(request: StepRequest) -> dict:
     """What ``Evaluator.sprint_step`` returns, derived from :func:`score`: a candidate's sensitivity
-    is the score it adds; a refit of the MLP after it halves that (NaN stays NaN: it is data)."""
+    is the score it adds; a refit of the MLP after it halves that (NaN stays NaN: it is data); one
+    with no MLP after it scores inf; remembered scores come back as they went and join the choice."""
     L, base = tiny_arch("llama").num_layers, score(request.mask)
     sens = {b: score(request.mask.remove(Block.from_index(b))) - base for b in request.candidates}
     ranked = {**dict(request.known), **sens}
     top = top_candidates(ranked, request.costs, request.top_k)
+    remembered = dict(request.remembered)
     tuned = []
-    for b in top:
+    for b in [*top, *sorted(set(remembered) - set(top))]:
         target = target_block(request.mask, L, b)
-        refit = target % 2 == 1 and target > b
-        tuned.append({"block": b, "target": target, "sensitivity": ranked[b] / 2 if refit else ranked[b],
+        refit = target % 2 == 1 and target > b and not request.mask.removed(Block.from_index(target))
+        if b in remembered:
+            tuned.append({"block": b, "target": target, "sensitivity": remembered[b], "untuned": ranked[b],
+                          "status": "remembered"})
+            continue
+        tuned.append({"block": b, "target": target, "sensitivity": ranked[b] / 2 if refit else math.inf,
                       "untuned": ranked[b], "status": "ok" if refit else "no-mlp"})
     best = best_candidate({t["block"]: t["sensitivity"] for t in tuned}, request.costs)
     choice = next(t for t in tuned if t["block"] == best)
+    if choice["status"] == "remembered":  # its refit again
+        choice = {**choice, "status": "ok"}
     sha = hashlib.sha256(f"{request.mask.to_json()}|{best}".encode()).hexdigest() if choice["status"] == "ok" else None
     return {"state": state_key(request.mask, request.tuned), "sensitivity": sens, "top": top, "tuned": tuned,
             "choice": {**choice, "sha": sha}}

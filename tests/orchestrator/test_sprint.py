@@ -41,7 +41,9 @@ def tiny_setup(tmp_path_factory):
 def make_campaign(setup, name: str, **overrides) -> Campaign:
     config = tiny_campaign_config(setup, name, **{
         "data.calibration": "{sequences: 6, length: 24, seed: 0}", "search.method": "sprint", "search.batch_size": 4,
-        "search.sprint.top_k": 3, "search.sprint.checkpoint_every": 1, **overrides})
+        "search.sprint.top_k": 3, "search.sprint.checkpoint_every": 1,
+        # The scenario of the fixed table (the default, SPRINT's 1,024 + 512 tokens, is slow to time here).
+        "search.sprint.latency_prompt": 512, "search.sprint.latency_generate": 0, **overrides})
     campaign = Campaign(config, progress=False)
     campaign.arch, campaign.windows = campaign.prepare()
     assert campaign.arch == tiny_arch("llama")

@@ -42,3 +42,23 @@ def test_shipped_config_loads():
     config = load_config(ROOT / "configs" / "sprint-smollm2.yaml")
     assert config.search.method == "sprint" and config.search.sprint.top_k == 5
     assert config.data.calibration.sequences == 2 and config.cluster.actors == 1
+
+
+def test_sprints_own_semantics_are_the_defaults_and_the_earlier_ones_a_setting():
+    sprint = load_config(None, [*BASE, "search.target_speedup=1.3"]).search.sprint
+    assert (sprint.metric, sprint.reference, sprint.refit_target, sprint.memory, sprint.no_mlp_score) == \
+        ("l1", "window", "local", True, "inf")
+    assert (sprint.latency_prompt, sprint.latency_generate, sprint.latency_fixed) == (1024, 512, False)
+    earlier = [f"search.sprint.{k}={v}" for k, v in (("metric", "l2"), ("reference", "current"), ("refit_target", "dense"),
+                                                     ("memory", "false"), ("no_mlp_score", "untuned"),
+                                                     ("latency_prompt", 512), ("latency_generate", 0),
+                                                     ("latency_fixed", "true"))]
+    old = load_config(None, [*BASE, "search.target_speedup=1.3", *earlier]).search.sprint
+    assert old == SprintConfig(metric="l2", reference="current", refit_target="dense", memory=False,
+                               no_mlp_score="untuned", latency_prompt=512, latency_generate=0, latency_fixed=True)
+    message = problems([*BASE, "search.target_speedup=1.3", "search.sprint.metric=l3", "search.sprint.memory=3",
+                        "search.sprint.refit_target=global", "search.sprint.reference=dense"])
+    assert "search.sprint.metric 'l3' is not one of l1, l2; use e.g. search.sprint.metric=l1" in message
+    assert "search.sprint.memory 3 is not true or false" in message
+    assert "search.sprint.refit_target 'global' is not one of local, dense" in message
+    assert "search.sprint.reference 'dense' is not one of window, current" in message

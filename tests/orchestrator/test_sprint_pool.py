@@ -166,3 +166,37 @@ def test_weights_a_replica_cannot_read_are_sent_by_reference(tiny_setup, replica
     store.weight_path(sha).rename(tmp_path / "elsewhere")  # the replica no longer sees the file
     hidden = pool.run(request)
     assert sent == [sha] and hidden["nll_sum"] == readable["nll_sum"] and hidden["sensitivity"] == readable["sensitivity"]
+
+
+def test_a_remembered_winner_is_refitted_alike_on_one_replica_and_on_two(tiny_setup, replicas, tmp_path):
+    """SPRINT's memory on a pool: a remembered score outside the top wins; its refit is summed over the
+    shards and solved again, after the rescore, and equals the refit of a step that tunes it afresh."""
+    import dataclasses
+
+    from search_spaces.latency import BlockCosts
+
+    evaluators, windows = replicas
+    arch = evaluators[0].arch
+    n = {name: w.shape[0] for name, w in windows.items()}
+    one = PoolStep(InProcessPool(evaluators[:1]), StepStore(tmp_path / "one"), num_layers=arch.num_layers,
+                   n_windows=n, batch_size=2, timeout_s=60)
+    pool = InProcessPool(evaluators)
+    two = PoolStep(pool, StepStore(tmp_path / "two"), num_layers=arch.num_layers, n_windows=n, batch_size=2,
+                   timeout_s=60)
+    request = StepRequest("calibration", Mask(), candidates=tuple(present_blocks(Mask(), arch.num_layers)),
+                          costs=BlockCosts(0.0, 0.1, 0.25), top_k=2, ridge=0.1, checkpoint_every=1)
+    top = one.run(request)["top"]
+    outside = next(s for s in present_blocks(Mask(), arch.num_layers) if s not in top and s % 2 == 0)
+    remembering = dataclasses.replace(request, remembered=((outside, 0.0),))
+    whole, sharded = one.run(remembering), two.run(remembering)
+    for result in (whole, sharded):
+        assert result["top"] == top and [t["block"] for t in result["tuned"]] == [*top, outside]
+        assert result["choice"]["block"] == outside and result["choice"]["status"] == "ok"
+        assert result["choice"]["sensitivity"] == 0.0 and result["choice"]["weight"] is not None
+    afresh = one.run(dataclasses.replace(request, candidates=(outside,), top_k=1))["choice"]
+    np.testing.assert_allclose(whole["choice"]["weight"], afresh["weight"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sharded["choice"]["weight"], afresh["weight"], rtol=0, atol=1e-5)
+    # On the pool: the top's refits, their rescore, then the winner's moments; every phase on both replicas.
+    phases = [(phase, r) for method, phase, r in pool.log if method == "sprint_shard"]
+    assert phases == [(p, r) for p in ("scores", "moments", "rescore", "moments") for r in (0, 1)]
+    assert sorted(p.stem for p in (tmp_path / "two" / "sprint" / "weights").iterdir()) == [sharded["choice"]["sha"]]

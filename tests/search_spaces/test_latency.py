@@ -53,7 +53,7 @@ def test_ranking_is_sensitivity_per_second_saved_with_ties_to_the_lower_index():
     assert check_costs([("prefill:512", COSTS)]) == []
 
 
-def test_target_block_is_the_next_remaining_mlp_else_the_last_block():
+def test_target_block_is_the_next_remaining_mlp_else_the_next_block():
     mask = Mask(mlp_removed={1, 2})
     assert target_block(mask, 8, Block(1, "attn").index) == Block(3, "mlp").index  # mlp1, mlp2 are gone
     assert target_block(mask, 8, Block(0, "attn").index) == Block(0, "mlp").index
@@ -61,6 +61,9 @@ def test_target_block_is_the_next_remaining_mlp_else_the_last_block():
     last = Block(7, "mlp").index
     assert target_block(mask, 8, last) == last
     assert target_block(Mask(mlp_removed={7}), 8, Block(7, "attn").index) == last
+    # No MLP left after it: the block right after it (SPRINT's get_tuning_subid), here attention 7.
+    assert target_block(Mask(mlp_removed={6, 7}), 8, Block(5, "mlp").index) == Block(6, "attn").index
+    assert target_block(Mask(mlp_removed={7}), 8, Block(6, "mlp").index) == Block(7, "attn").index
 
 
 def test_checkpoints_every_quarter_of_the_layers():
@@ -74,8 +77,8 @@ def _window(mask: Mask, s: int) -> set[int]:
     return set(range(s, target_block(mask, 8, s) + 1))
 
 
-@pytest.mark.parametrize("before", [Mask(), Mask(mlp_removed={2, 3}), Mask(attn_removed={4}, mlp_removed={5, 6})],
-                         ids=str)
+@pytest.mark.parametrize("before", [Mask(), Mask(mlp_removed={2, 3}), Mask(attn_removed={4}, mlp_removed={5, 6}),
+                                    Mask(mlp_removed={7})], ids=str)
 def test_rescore_after_is_exactly_the_candidates_whose_window_or_input_changed(before):
     for pruned in present_blocks(before, 8):
         after = before.remove(Block.from_index(pruned))
