@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench gpu-check install clean
+.PHONY: demo test test-all bench bench-quality reproduce gpu-check install clean
 
 $(STAMP): requirements.txt requirements-data.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,14 @@ bench: $(STAMP)
 	$(PY) bench/plan_table.py
 	$(PY) bench/plan_vs_measured.py
 	$(PY) bench/driver_memory.py
+
+# Hours on 2 cores; resumable (a rerun measures only what is missing): every search method at 11% and 22%.
+bench-quality: $(STAMP)
+	$(PY) bench/search_quality.py
+
+# On a GPU machine or with RAY_ADDRESS set: the published Llama-2-7B rows (bench/reproduce/README.md).
+reproduce: $(STAMP)
+	$(PY) bench/reproduce/llama2_7b.py $(REPRODUCE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
