@@ -39,8 +39,10 @@ RUNS = ROOT / "runs" / "bench-quality"
 MARKER = "<!-- search-quality -->"
 SEQUENCES, LENGTH, BATCH, ACTORS = 32, 128, 2, 2
 RATIOS = (0.11, 0.22)
+# kv_weight=once: the channel order the first entries were measured with (before MultiPruner's n_rep
+# weighting became the default), so every entry's model fingerprint, and the caches they share, match.
 COMMON = [f"data.calibration={{sequences: {SEQUENCES}, length: {LENGTH}, seed: 0}}", f"search.batch_size={BATCH}",
-          "export=false"]
+          "export=false", "search.kv_weight=once"]
 RACING = ["search.racing.windows=4", "search.racing.keep=3"]
 EVOLUTION = ["search.method=evolution", "search.evolution.offspring=16", "search.evolution.first_windows=4",
              "search.evolution.survivors=2", "search.evolution.generations=60"]
