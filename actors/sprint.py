@@ -31,6 +31,11 @@ runs the phases one at a time on any range of windows, so a step can also be spr
 (``orchestrator/sprint_pool.py``): every replica runs a phase on its shard, the driver adds the
 shards up, ranks, has the refits solved, and asks for the re-scores. :func:`run_step` chains the
 phases on one replica.
+
+The refitted weights go in and out of the replica with :class:`~actors.sprint_swap.TunedSwap`, and the
+dense model's streams (``refit_target: dense``) are walked in actors/sprint_swap.py; every stream of
+all windows a step keeps is recorded there into buffers allocated once (``AllWindows``), the sizes
+``search_spaces.memory`` counts.
 """
 
 from __future__ import annotations
@@ -51,8 +56,9 @@ from search_spaces.sprint import (StepRequest, best_tuned, checkpoint_before, ch
 from .memory import resolve_budget
 from .refit import DownProjFit, FitResult
 from .sprint_memo import Checkpoints, Parked
+from .sprint_swap import AllWindows, TunedSwap, batches, dense_streams, original_weights
 
-__all__ = ["Checkpoints", "Parked", "StepWork", "TunedSwap", "mlp_input", "run_step"]
+__all__ = ["Checkpoints", "Parked", "STORE_BYTES", "StepWork", "TunedSwap", "mlp_input", "run_step"]
 
 if TYPE_CHECKING:
     from .forward import LeanDecoder
@@ -61,48 +67,6 @@ if TYPE_CHECKING:
 #: this many bytes (or the memory budget, when smaller); beyond it they are recomputed from the
 #: checkpoints, which are always kept.
 STORE_BYTES = 2 << 30
-
-
-class TunedSwap:
-    """Puts refitted ``down_proj`` weights into the replica (``apply``) and takes them out again
-    (``restore``), without copying the rest of the model. Use as a context manager."""
-
-    def __init__(self, decoder: LeanDecoder, weights: Mapping[int, torch.Tensor]) -> None:
-        self.decoder = decoder
-        self.weights = dict(weights)
-        self._saved: dict[int, torch.nn.Parameter] = {}
-
-    def apply(self) -> None:
-        for layer, weight in self.weights.items():
-            linear = self.decoder.layers[layer].mlp.down_proj
-            self._saved.setdefault(layer, linear.weight)
-            old = self._saved[layer]
-            new = weight.to(old.device, old.dtype)  # (H, w) with w <= the full width
-            if new.shape != old.shape:
-                new = torch.cat([new, old.data[:, new.shape[1]:]], dim=1)
-            linear.weight = torch.nn.Parameter(new, requires_grad=False)
-
-    def restore(self) -> None:
-        for layer, old in self._saved.items():
-            self.decoder.layers[layer].mlp.down_proj.weight = old
-        self._saved.clear()
-
-    def __enter__(self) -> TunedSwap:
-        self.apply()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-@contextmanager
-def _dense(swap: TunedSwap) -> Iterator[None]:
-    """The original weights for a while (dense targets), the refitted ones again afterwards."""
-    swap.restore()
-    try:
-        yield
-    finally:
-        swap.apply()
 
 
 def _seq_score(o: torch.Tensor, c: torch.Tensor, metric: str = "l1") -> float:
@@ -128,10 +92,6 @@ def mlp_input(decoder: LeanDecoder, layer: int, h: torch.Tensor, width: int) -> 
     return mlp.act_fn(gate) * F.linear(x, mlp.up_proj.weight[:width], bias(mlp.up_proj.bias))
 
 
-def _batches(n: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def _store_bytes(budget: int | None) -> int:
     """What a step may keep for itself: ``STORE_BYTES``, or the memory budget when smaller."""
     return STORE_BYTES if budget is None else min(STORE_BYTES, budget)
@@ -146,21 +106,6 @@ def _fits(windows: torch.Tensor, decoder: LeanDecoder, streams: int, budget: int
 def _nearest(streams: Mapping[int, torch.Tensor | Parked], index: int) -> int:
     """The last block at or before ``index`` whose entering stream is known (0 always is)."""
     return max(c for c in streams if c <= index)
-
-
-def _walk_checkpoints(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, mask: Mask,
-                      blocks: tuple[int, ...]) -> dict[int, torch.Tensor]:
-    """Streams of ``mask`` entering every checkpoint block, over all windows (the dense memo)."""
-    out: dict[int, list[torch.Tensor]] = {c: [] for c in blocks}
-    for rows in _batches(windows.shape[0], batch_size):
-        h = decoder.embed(windows[rows])
-        rope = decoder.rope(h)
-        for i in range(max(blocks) + 1):
-            if i in out:
-                out[i].append(h)
-            if i < max(blocks):
-                h = decoder.block(i, h, mask, rope)
-    return {c: torch.cat(t) for c, t in out.items()}
 
 
 def run_step(decoder: LeanDecoder, windows: torch.Tensor, batch_size: int, request: StepRequest,
@@ -234,7 +179,7 @@ class StepWork:
         self.swap = TunedSwap(decoder, {layer: weights[h] for layer, h in request.tuned})
         self.key = state_key(request.mask, request.tuned)
         self.ckpts = checkpoint_blocks(decoder.arch.num_layers, request.checkpoint_every)
-        self.batches = _batches(windows.shape[0], batch_size)
+        self.batches = batches(windows.shape[0], batch_size)
         self.streams: dict[int, torch.Tensor | Parked] | None = None
         self._branches: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -263,8 +208,9 @@ class StepWork:
         restore = self._restore(candidates)  # window references: the blocks of the window run again
         sens = {s: 0.0 for s in candidates}
         keep_all = _fits(windows, decoder, num_blocks + 1 - start, self.budget)  # every entering stream, for refits
-        recorded: dict[int, list[torch.Tensor]] = {c: [] for c in range(start, num_blocks + 1)
-                                                   if keep_all or c in self.ckpts}
+        # The stream entering ``start`` is the memo's already (shared with the state it came from).
+        recorded = AllWindows(windows.shape[0], [c for c in range(start, num_blocks + 1)
+                                                 if (keep_all or c in self.ckpts) and c not in usable])
         nll_sum, tokens = 0.0, 0
         for rows in self.batches:
             batch = windows[rows]
@@ -273,8 +219,7 @@ class StepWork:
             branches: dict[int, torch.Tensor] = {}
             references: dict[int, torch.Tensor] = {}  # candidates whose window holds removed blocks
             for i in range(start, num_blocks):
-                if i in recorded:
-                    recorded[i].append(h)
+                recorded.add(i, rows, h)
                 if i in sens:
                     branches[i] = h  # the stream that skips block i
                 h_next = decoder.block(i, h, mask, rope)
@@ -288,12 +233,10 @@ class StepWork:
                 h = h_next
                 for s in finishing.get(i, ()):
                     sens[s] += _seq_score(references.pop(s, h), branches.pop(s), request.metric)
-            if num_blocks in recorded:
-                recorded[num_blocks].append(h)  # the final stream, i.e. "entering" the end
+            recorded.add(num_blocks, rows, h)  # the final stream, i.e. "entering" the end
             nll, n = decoder.nll(h, batch)
             nll_sum, tokens = nll_sum + nll, tokens + n
-        streams = {c: t for c, t in usable.items() if c < start} | {c: torch.cat(t) for c, t in recorded.items()}
-        del recorded  # the per-batch pieces (copied by cat)
+        streams = usable | recorded.streams
         memo.put(ws, self.key, {c: t for c, t in streams.items() if c in self.ckpts}, self.budget)
         self.streams = streams | memo.get(ws, self.key)  # checkpoints the memo parked leave the device too
         if keep:
@@ -325,8 +268,11 @@ class StepWork:
         on_host = self.budget is not None and sums > self.budget
         fits = {s: DownProjFit(self._width(s), arch.hidden_size, "cpu" if on_host else self.down_proj(s).weight.device)
                 for s in targets}
-        per_batch = 2 * self.windows[:1].numel() * arch.hidden_size * self.down_proj(next(iter(targets))).weight.element_size()
-        self._keep_branches = per_batch * self.windows.shape[0] * len(targets) <= _store_bytes(self.budget)
+        # Branches of an earlier call (a remembered winner's refit is summed after the re-scores) are
+        # done with: only this call's are kept, so that what is kept never passes the store.
+        self._branches = {key: pair for key, pair in self._branches.items() if key[0] in targets}
+        per_window = 2 * self.windows[:1].numel() * arch.hidden_size * self.down_proj(next(iter(targets))).weight.element_size()
+        self._keep_branches = per_window * self.windows.shape[0] * len(targets) <= _store_bytes(self.budget)
         for b, rows in enumerate(self.batches):
             dense_after: dict[int, torch.Tensor] = {}
             for s, r in targets.items():
@@ -335,7 +281,7 @@ class StepWork:
                     aim = o.to(g.device)
                 else:
                     if r not in dense_after:
-                        with _dense(self.swap):
+                        with original_weights(self.swap):
                             c = _nearest(dense, r + 1)
                             dense_after[r] = decoder.run(dense[c][rows], Mask(), c, r + 1)  # dense stream after r
                     aim = dense_after[r]
@@ -383,15 +329,16 @@ class StepWork:
 
     def _dense_streams(self) -> dict[int, torch.Tensor | Parked]:
         """The dense model's streams on these windows (every block's when they fit; reused by every step)."""
-        arch, ws = self.decoder.arch, self.window_key
-        dense_key = state_key(Mask(), ())
-        if not self.memo.get(ws, dense_key):
-            every = (tuple(range(arch.num_blocks + 1)) if _fits(self.windows, self.decoder, arch.num_blocks + 1,
-                                                                 self.budget) else self.ckpts)
-            with _dense(self.swap):
-                dense = _walk_checkpoints(self.decoder, self.windows, self.batch_size, Mask(), every)
-            self.memo.put(ws, dense_key, dense, self.budget)
-        return self.memo.get(ws, dense_key)  # some may be parked now
+        num_blocks = self.decoder.arch.num_blocks
+        every = (tuple(range(num_blocks + 1)) if _fits(self.windows, self.decoder, num_blocks + 1, self.budget)
+                 else self.ckpts)
+        streams = self._streams()
+        dense = dense_streams(self.decoder, self.windows, self.batch_size, self.swap, self.memo, self.window_key,
+                              every, self.budget)
+        # Keeping the dense streams may have parked this state's checkpoints in the memo: the step lets
+        # go of their device copies too (in place: a sharded step's later phases share this dict).
+        streams.update({c: t for c, t in self.memo.get(self.window_key, self.key).items() if c in streams})
+        return dense
 
     def _branch(self, s: int, b: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(stream entering target(s) with s skipped, reference stream after target(s)) of batch b."""

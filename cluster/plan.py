@@ -13,7 +13,8 @@ Pure arithmetic (no torch, no Ray), so a 70B campaign can be planned from a lapt
   (SmolLM2's demo path took 65% from attention, paths on Llama-2 start with attention too: a rule
   nearer what greedy paths do than equal block counts). A step scores every block still present.
   MultiPruner adds width steps (one channel group or head unit each, one candidate per layer).
-  SPRINT's steps cost local forwards (:func:`cluster.plan_dispatch.step_candidates`).
+  SPRINT's steps cost local forwards (:func:`cluster.plan_dispatch.step_candidates`); its latency
+  target is planned as the ratio whose blocks' FLOPs give that speedup (:func:`ratio_for_speedup`).
 * Replicas. A replica of k GPUs lives on one node: ``floor(g / k)`` replicas per node of g GPUs
   (a last, partial node holds ``floor((gpus mod g) / k)``). It is as fast as one GPU: accelerate's
   ``device_map`` runs the layers as a pipeline with one GPU busy at a time.
@@ -37,6 +38,7 @@ from typing import Any, Sequence
 
 from search_spaces import Arch, dense_params
 from search_spaces.cost import attn_params, embedding_params, mlp_params
+from search_spaces.latency import BlockCosts
 
 from .plan_dispatch import block_flops as _layer_flops_per_token
 from .plan_dispatch import Candidate, PathCost, search_cost, simulate_step
@@ -208,20 +210,33 @@ def plan_campaign(arch: Arch, name: str, method: str, target_ratio: float, token
                 held.seconds, export)
 
 
-def ratio_for_speedup(arch: Arch, speedup: float) -> float:
-    """The parameter ratio that gives ``speedup`` in this model's FLOP terms (the LM head stays).
+def ratio_for_speedup(arch: Arch, speedup: float, *, fixed: bool = False, costs: BlockCosts | None = None) -> float:
+    """The parameter ratio a SPRINT campaign removes to reach ``speedup``: how ``rayprune plan``
+    plans a latency target (``search.target_speedup``) before any latency is measured.
 
-    A planning stand-in for a latency target (SPRINT's ``target_speedup``): a forward costs
-    ``2 x params`` FLOPs per token, so a ``speedup`` removes ``1 - 1/speedup`` of those FLOPs.
+    SPRINT's estimated speedup (``search_spaces.latency.speedup``) is the dense latency over that of
+    the kept blocks. Without a fixed part (``search.sprint.latency_fixed: false``, SPRINT's own
+    arithmetic) removing ``1 - 1/speedup`` of the blocks' cost gives it; with ``fixed`` the fixed part
+    stays on both sides, so more must go (and at most ``(blocks + fixed) / fixed`` is reachable).
+    ``costs``: per-block costs of one forward (a latency table's, for the campaign's scenario);
+    default this model's FLOPs per token (each attention and MLP block; the LM head as the fixed
+    part), i.e. cost in proportion to parameters. The removed cost is taken as the same share of the
+    attention and of the MLP blocks (which blocks go is the search's decision); in FLOPs any mix
+    gives the same ratio.
     """
-    attn, mlp, head = _layer_flops_per_token(arch)
-    layers = arch.num_layers * (attn + mlp)
-    removed = (layers + head) * (1 - 1 / speedup)
-    if speedup < 1 or removed >= layers:
-        top = (layers + head) / head
+    attn_flops, mlp_flops, head = _layer_flops_per_token(arch)
+    costs = BlockCosts(head, attn_flops, mlp_flops) if costs is None else costs
+    costs = costs if fixed else costs.blocks_only()
+    blocks = arch.num_layers * (costs.attn + costs.mlp)
+    removed = (blocks + costs.fixed) * (1 - 1 / speedup) if speedup > 0 else -1.0
+    if not math.isfinite(speedup) or speedup < 1 or removed >= blocks:
+        top = f"{(blocks + costs.fixed) / costs.fixed:.1f}x" if costs.fixed > 0 else "any finite speedup"
         raise ValueError(f"a {speedup:g}x speedup is outside what removing blocks can give this model "
-                         f"(1x to {top:.1f}x); set search.target_speedup inside that range")
-    return removed / 2 / dense_params(arch)
+                         f"(1x to {top}{' with its fixed part: search.sprint.latency_fixed' if fixed else ''}); "
+                         f"set search.target_speedup inside that range")
+    share = removed / blocks  # of every block's cost, so of every block's parameters
+    per_layer = attn_params(arch, arch.num_head_units) + mlp_params(arch, arch.intermediate_size)
+    return share * arch.num_layers * per_layer / dense_params(arch)
 
 
 def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence[int], hw: Hardware,
@@ -231,7 +246,8 @@ def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence
     ``workload``: :func:`plan_campaign`'s keywords (dtype, windows, held-out tokens). The planning
     rules: Optuna is planned as BlockPruner (it runs ``search.trials`` full forwards instead of greedy
     steps); SPRINT's steps are split by window shards over every replica (issue #12); a
-    ``target_speedup`` without a ratio is planned at the ratio whose FLOPs give that speedup;
+    ``target_speedup`` without a ratio is planned at the ratio whose FLOPs give that speedup, with
+    the LM head as a fixed part only under ``search.sprint.latency_fixed``;
     MultiPruner's split and group default to the model family's.
     """
     from search_spaces.budget import family_defaults
@@ -239,17 +255,20 @@ def plan_search(arch: Arch, model: str, search: Any, tokens: int, gpus: Sequence
     defaults = family_defaults(arch)
     method = search.method if search.method in ("blockpruner", "multipruner", "sprint") else "blockpruner"
     target, notes = search.target_ratio, []
+    sprint = getattr(search, "sprint", None)
     if target is None:  # a latency target only (SPRINT)
-        target = ratio_for_speedup(arch, search.target_speedup)
+        fixed = bool(getattr(sprint, "latency_fixed", False))
+        target = ratio_for_speedup(arch, search.target_speedup, fixed=fixed)
         notes.append(f"search.target_speedup {search.target_speedup:g}x is planned as parameter ratio {target:.3f} "
-                     f"(blocks whose FLOPs give that speedup).")
+                     f"(blocks whose FLOPs give that speedup, " + ("the LM head counted as a fixed part: "
+                     "search.sprint.latency_fixed)." if fixed else "with no fixed part, as SPRINT's arithmetic)."))
     if method != search.method:
         notes.append(f"search.method {search.method} is planned as BlockPruner: Optuna runs search.trials "
                      f"({search.trials}) full forwards instead of greedy steps.")
     if method == "sprint":
         notes.append("SPRINT: local sensitivities (each block and the next MLP), top_k refits of that MLP, one "
                      "perplexity per step, split by window shards over every replica; no naive loop.")
-    top_k = getattr(getattr(search, "sprint", None), "top_k", 5)
+    top_k = getattr(sprint, "top_k", 5)
     plans = [plan_campaign(arch, model, method, target, tokens, g, hw, search.split or defaults.split,
                            search.mlp_group or defaults.mlp_group, replica_gpus, max_steps=search.max_steps,
                            top_k=top_k, batch_size=search.batch_size, **workload) for g in gpus]

@@ -42,7 +42,8 @@ class GpuInventory:
 def working_memory_of(config: Any, arch_config: dict, gpu_bytes: int) -> Any:
     """The engine's working memory of one GPU replica for a campaign ``config`` (``orchestrator.config.Config``):
     its batch size, the longer of its calibration and evaluation windows and, for SPRINT, its
-    calibration windows, ``top_k`` and checkpoint interval. For SPRINT a function of the replica's
+    calibration windows, ``top_k``, checkpoint interval, ``refit_target`` and ``reference`` (the
+    streams a step keeps depend on both: ``search_spaces.memory.sprint_memory``). For SPRINT a function of the replica's
     GPU count k: its checkpoints stay on the device up to the memory budget of k GPUs of
     ``gpu_bytes`` (``actors.sizing.sprint_checkpoint_budget``) and move to host memory beyond it."""
     from actors.sizing import sprint_checkpoint_budget, working_for
@@ -52,8 +53,10 @@ def working_memory_of(config: Any, arch_config: dict, gpu_bytes: int) -> Any:
     plain = {"batch_size": search.batch_size, "tokens": tokens}
     if search.method != "sprint":
         return working_for(arch_config, config.dtype, **plain)
-    sprint = {"sprint": True, "windows": data.calibration.sequences, "top_k": search.sprint.top_k,
-              "checkpoint_every": search.sprint.checkpoint_every}
+    settings = search.sprint
+    sprint = {"sprint": True, "windows": data.calibration.sequences, "top_k": settings.top_k,
+              "checkpoint_every": settings.checkpoint_every, "refit_target": settings.refit_target,
+              "reference": settings.reference}
     return lambda k: working_for(arch_config, config.dtype, **plain, **sprint,
                                  checkpoint_budget=sprint_checkpoint_budget(arch_config, config.dtype, gpu_bytes, k))
 

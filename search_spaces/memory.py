@@ -14,15 +14,16 @@ the code allocates (SPEC §8 gives the figures for Llama-2-70B):
   memory-efficient kernels on CUDA never materialise them.
 * **loss**: the LM head runs over ``LOSS_CHUNK_TOKENS`` tokens at a time: logits in the dtype, their
   fp32 copy and the fp32 log-softmax of one chunk.
-* **SPRINT** (``actors/sprint.py``): the memo of checkpointed states (up to ``max_states`` states, each
-  the streams of *all* calibration windows entering every checkpoint block); the streams a step keeps
-  for its refits, the refits' branches and the dense memo's every-block streams, each kept only when it
-  fits ``store_bytes`` (``actors.sprint.STORE_BYTES``); and the refits: ``top_k`` float64 accumulators of
-  ``w x w + w x H`` and one float64 Cholesky solve at a time (about four ``w x w`` float64 matrices),
-  none of it on the device when the accumulators exceed ``checkpoint_budget`` (the actor then keeps
-  the sums and solves in host memory; the products are still computed on the GPU).
-  Checkpoints that spill to host memory do not count: ``checkpoint_budget`` caps the memo at what
-  stays on the device (None: all of it does).
+* **SPRINT** (``actors/sprint.py``, :func:`sprint_memory`): streams of *all* calibration windows (one
+  such stream: windows x tokens x hidden), in the memo of checkpointed states and in what a step keeps
+  for itself, and the refits: ``top_k`` float64 accumulators of ``w x w + w x H`` and one float64
+  Cholesky solve at a time (about four ``w x w`` float64 matrices), none of it on the device when the
+  accumulators exceed ``checkpoint_budget`` (the actor then keeps the sums and solves in host memory;
+  the products are still computed on the GPU). Checkpoints that spill to host memory do not count:
+  ``checkpoint_budget`` caps the memo at what stays on the device (None: all of it does).
+  SPRINT's per-batch streams (the running stream, the branches of the candidates in flight and, with
+  the ``window`` reference, their references) are counted by the kept streams above, which they do
+  not outnumber unless a run of about L consecutive MLP blocks is removed.
 
 Temporaries, loss and refits may run on any GPU of a replica (``anywhere``); streams and checkpoints
 follow the layers (``per_layer``: one share per decoder layer).
@@ -55,8 +56,8 @@ def dtype_bytes(dtype: str, *, on_gpu: bool = True) -> int:
 class SprintMemory:
     """What SPRINT's steps add (see the module docstring); all in bytes."""
 
-    checkpoints: int  # the memo of checkpointed states kept on the device
-    step_streams: int  # streams a step keeps for the refits, refit branches, dense every-block memo
+    checkpoints: int  # the memo of states kept on the device (the dense model's among them: refit_target dense)
+    step_streams: int  # the most a step keeps besides the memo, at the peak of its phases
     refits: int  # top_k float64 accumulators + one float64 solve
 
 
@@ -113,15 +114,16 @@ def human_bytes(n: float) -> str:
 
 def working_memory(arch: Arch, *, batch_size: int, tokens: int, element_bytes: int, streams: int = 1,
                    sprint: bool = False, windows: int = 0, top_k: int = 5, checkpoint_every: int | None = None,
-                   max_states: int = 3, store_bytes: int = 2 << 30,
-                   checkpoint_budget: int | None = None) -> WorkingMemory:
+                   max_states: int = 3, store_bytes: int = 2 << 30, checkpoint_budget: int | None = None,
+                   refit_target: str = "local", reference: str = "window") -> WorkingMemory:
     """The working memory of a replica of ``arch`` scoring batches of ``batch_size`` x ``tokens``.
 
     ``element_bytes``: the dtype's (2 for bf16/fp16, 4 for fp32); ``streams``: concurrent candidate
     streams (1 on a GPU). With ``sprint``, ``windows`` is the number of calibration windows (SPRINT
     keeps streams of all of them), ``top_k`` the refits per step, ``checkpoint_every`` the layers
     between checkpoints (None: ``L // 4``), ``max_states`` the memo's states, ``store_bytes`` the cap
-    of what a step keeps, and ``checkpoint_budget`` the most the memo keeps on the device.
+    of what a step keeps, ``checkpoint_budget`` the most the memo keeps on the device, and
+    ``refit_target`` / ``reference`` those of ``search.sprint`` (:func:`sprint_memory`).
     """
     if min(batch_size, tokens, element_bytes, streams) < 1:
         raise ValueError("batch_size, tokens, element_bytes and streams must be positive")
@@ -136,20 +138,65 @@ def working_memory(arch: Arch, *, batch_size: int, tokens: int, element_bytes: i
     loss = min(LOSS_CHUNK_TOKENS, rows) * arch.vocab_size * (element_bytes + 4 + 4)
     extra = None
     if sprint:
-        if windows < 1:
-            raise ValueError("SPRINT keeps streams of every calibration window: give windows >= 1")
-        every = checkpoint_every or max(1, L // 4)
-        all_windows = windows * tokens * H * element_bytes  # one stream of every window
-        memo = max_states * math.ceil(L / every) * all_windows
-        if checkpoint_budget is not None:
-            memo = min(memo, checkpoint_budget)
-        # Each store is kept only when it fits store_bytes (else the step recomputes from checkpoints).
-        stores = [(arch.num_blocks + 1) * all_windows,  # the step's every-block streams
-                  2 * top_k * all_windows,  # the refits' (branch, current) streams
-                  (arch.num_blocks + 1) * all_windows]  # the dense memo's every-block streams
-        step = sum(s for s in stores if s <= store_bytes)
-        refits = top_k * (I * I + I * H) * 8 + 4 * I * I * 8
-        if checkpoint_budget is not None and top_k * (I * I + I * H) * 8 > checkpoint_budget:
-            refits = 0  # the actor keeps such sums (and solves them) in host memory (actors/sprint.py)
-        extra = SprintMemory(memo, step, refits)
+        extra = sprint_memory(arch, windows=windows, tokens=tokens, element_bytes=element_bytes, top_k=top_k,
+                              checkpoint_every=checkpoint_every, max_states=max_states, store_bytes=store_bytes,
+                              checkpoint_budget=checkpoint_budget, refit_target=refit_target, reference=reference)
     return WorkingMemory(kept, temporaries, loss, extra, L)
+
+
+def sprint_memory(arch: Arch, *, windows: int, tokens: int, element_bytes: int, top_k: int = 5,
+                  checkpoint_every: int | None = None, max_states: int = 3, store_bytes: int = 2 << 30,
+                  checkpoint_budget: int | None = None, refit_target: str = "local",
+                  reference: str = "window") -> SprintMemory:
+    """What SPRINT's steps keep on a replica's GPUs, counted as ``actors/sprint.py`` allocates it.
+
+    In streams of all windows (``windows x tokens x hidden`` each), with ``C`` checkpoints per state
+    (``ceil(L / checkpoint_every)``), ``F = 2L + 1`` streams entering every block and the end, and
+    ``S`` the store (``store_bytes``, or ``checkpoint_budget`` when smaller):
+
+    * a step's walk records ``R`` streams, every entering stream when ``F`` of them fit ``S`` (for
+      the refits; ``E = F - C`` of them stay beside the memo until the step ends), else ``C``;
+    * the memo holds ``max_states`` states of ``C`` streams; with ``refit_target: dense`` one of
+      them is the dense model's, walked once with ``D`` streams (``F`` when they fit ``S``, else
+      ``C``) and reused by every step; ``refit_target: local`` (SPRINT's) has no dense walk;
+    * the refits keep a branch of every window for the ``j`` refits whose two streams fit ``S``
+      (``j <= top_k``): the stream without the candidate and the reference after the target, which
+      with ``reference: current`` is a view of the kept every-block streams (none kept: a new one);
+      the ``window`` reference runs blocks again, a new stream.
+
+    The peak is the largest of three moments of a step: the walk's end (memo + R), the dense walk
+    (a memo of ``max_states`` checkpointed states + E + D) and the refits (memo + E + branches, + C
+    when a one-state memo gave the step's own place to the dense state); ``checkpoints`` is the
+    memo, ``step_streams`` the rest of that peak (tests/actors/test_sprint_memory.py measures both).
+    """
+    if windows < 1:
+        raise ValueError("SPRINT keeps streams of every calibration window: give windows >= 1")
+    if max_states < 1:
+        raise ValueError(f"max_states {max_states} is not a positive number of memo states; use e.g. 3")
+    if refit_target not in ("local", "dense"):
+        raise ValueError(f"refit_target {refit_target!r} is not one of local, dense (search.sprint.refit_target)")
+    if reference not in ("window", "current"):
+        raise ValueError(f"reference {reference!r} is not one of window, current (search.sprint.reference)")
+    L, H, I = arch.num_layers, arch.hidden_size, arch.intermediate_size
+    stream = windows * tokens * H * element_bytes  # one stream of every window
+    store = store_bytes if checkpoint_budget is None else min(store_bytes, checkpoint_budget)
+    checkpoints = math.ceil(L / (checkpoint_every or max(1, L // 4)))
+    every_block = arch.num_blocks + 1
+    keep_all = every_block * stream <= store
+    walked = every_block if keep_all else checkpoints
+    beside = every_block - checkpoints if keep_all else 0
+    dense = walked if refit_target == "dense" else 0
+    fitting = min(top_k, store // (2 * stream))  # refits whose branches are kept
+    branches = fitting * (1 if reference == "current" and keep_all else 2)
+
+    def capped(n: int) -> int:
+        return n * stream if checkpoint_budget is None else min(n * stream, checkpoint_budget)
+
+    memo = capped(max_states * checkpoints + (dense - checkpoints if dense else 0))
+    own = checkpoints if dense and max_states == 1 else 0  # the dense state took the step's own place
+    peak = max(memo + walked * stream, capped(max_states * checkpoints) + (beside + dense) * stream,
+               memo + (own + beside + branches) * stream)
+    refits = top_k * (I * I + I * H) * 8 + 4 * I * I * 8
+    if checkpoint_budget is not None and top_k * (I * I + I * H) * 8 > checkpoint_budget:
+        refits = 0  # the actor keeps such sums (and solves them) in host memory (actors/sprint.py)
+    return SprintMemory(memo, peak - memo, refits)

@@ -64,16 +64,62 @@ def test_plan_command_prints_a_row_per_gpu_count(capsys, tmp_path):
 
 
 def test_a_speedup_target_is_planned_as_the_ratio_with_those_flops():
-    from cluster.plan import _layer_flops_per_token, ratio_for_speedup
+    """SPRINT's arithmetic (no fixed part) by default; the LM head as a fixed part with latency_fixed."""
+    from cluster.plan import ratio_for_speedup
     from search_spaces import dense_params
 
-    r = ratio_for_speedup(LLAMA7, 1.25)
     attn, mlp, head = _layer_flops_per_token(LLAMA7)
-    dense_flops = LLAMA7.num_layers * (attn + mlp) + head
-    assert dense_flops / (dense_flops - 2 * r * dense_params(LLAMA7)) == pytest.approx(1.25)
-    assert ratio_for_speedup(LLAMA7, 1.0) == 0 and ratio_for_speedup(LLAMA7, 1.5) > r
-    with pytest.raises(ValueError, match="target_speedup"):
-        ratio_for_speedup(LLAMA7, 1000.0)
+    blocks = LLAMA7.num_layers * (attn + mlp)
+    sprint, fixed = ratio_for_speedup(LLAMA7, 1.25), ratio_for_speedup(LLAMA7, 1.25, fixed=True)
+    removed = 2 * dense_params(LLAMA7)  # FLOPs per token of each removed ratio point
+    assert blocks / (blocks - sprint * removed) == pytest.approx(1.25)
+    assert (blocks + head) / (blocks + head - fixed * removed) == pytest.approx(1.25)
+    assert fixed > sprint  # with a part no removal touches, the same speedup takes more blocks
+    assert ratio_for_speedup(LLAMA7, 1.0) == 0 and ratio_for_speedup(LLAMA7, 1.5) > sprint
+    assert ratio_for_speedup(LLAMA7, 1000.0) < 1  # without a fixed part any finite speedup is reachable
+    with pytest.raises(ValueError, match=r"1x to 50\.\dx with its fixed part: search.sprint.latency_fixed"):
+        ratio_for_speedup(LLAMA7, 1000.0, fixed=True)
+    for bad in (0.9, math.inf, math.nan):
+        with pytest.raises(ValueError, match="set search.target_speedup inside that range"):
+            ratio_for_speedup(LLAMA7, bad)
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+def test_a_speedup_target_on_a_latency_table_is_the_ratio_sprints_speedup_reaches(fixed):
+    """A given latency table (seconds of one forward): the planned ratio is that of a mask removing the
+    same share of attention and MLP blocks, and ``search_spaces.latency.speedup`` of that mask, with
+    the costs a campaign estimates with (``blocks_only()`` unless latency_fixed), is the target."""
+    from cluster.plan import ratio_for_speedup
+    from search_spaces import Mask, dense_params, param_count
+    from search_spaces.latency import BlockCosts, speedup
+
+    table = BlockCosts(fixed=2.0, attn=0.3, mlp=0.5)
+    costs = table if fixed else table.blocks_only()
+    layers = range(0, LLAMA7.num_layers, 4)  # 8 of 32 attention and MLP blocks: a quarter of each
+    mask = Mask(attn_removed=set(layers), mlp_removed=set(layers))
+    target = speedup(mask, LLAMA7, costs)
+    assert target == pytest.approx(4 / 3 if not fixed else (32 * 0.8 + 2.0) / (24 * 0.8 + 2.0))
+    ratio = ratio_for_speedup(LLAMA7, target, fixed=fixed, costs=table)
+    assert ratio == pytest.approx(1 - param_count(mask, LLAMA7) / dense_params(LLAMA7), rel=1e-9)
+
+
+def test_the_plan_follows_latency_fixed():
+    """SmolLM2-135M's shape: its LM head is a fifth of a forward's FLOPs, so the two arithmetics differ."""
+    from cluster.plan import plan_search, ratio_for_speedup
+    from orchestrator.config import SearchConfig, SprintConfig
+
+    smol = Arch.from_hf_config({"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+                                "intermediate_size": 1536, "num_attention_heads": 9, "num_key_value_heads": 3,
+                                "vocab_size": 49152, "tie_word_embeddings": True})
+    plans = {}
+    for fixed in (False, True):
+        search = SearchConfig(method="sprint", target_speedup=1.25, sprint=SprintConfig(latency_fixed=fixed))
+        [plan], notes = plan_search(smol, "smol", search, 65536, [1], Hardware())
+        ratio = ratio_for_speedup(smol, 1.25, fixed=fixed)
+        assert f"planned as parameter ratio {ratio:.3f}" in notes[0]
+        assert ("latency_fixed" in notes[0]) == fixed
+        plans[fixed] = plan
+    assert plans[True].steps > plans[False].steps  # SPRINT's arithmetic removes fewer blocks
 
 
 def test_plan_command_with_a_sprint_speedup_target(capsys, tmp_path):

@@ -63,12 +63,41 @@ def test_sprint_counts_the_checkpoints_that_stay_on_the_device_and_its_refits():
     budget = int(DEFAULT_FRACTION * (80 * 10**9 - weights_bytes(LLAMA2_7B, "bfloat16")))
     assert sprint.working.sprint.checkpoints == budget < 3 * 4 * 256 * 2048 * 4096 * 2
     assert sprint.working.sprint.refits == 5 * (11008**2 + 11008 * 4096) * 8 + 4 * 11008**2 * 8
-    # Llama-2-70B: the refits' float64 sums (5 x 8.6 GB) exceed the budget of any replica that fits 8 x 80 GB,
-    # so the actor keeps them in host memory (actors/sprint.py): they take nothing on the GPUs, and 3 GPUs hold it.
-    big = size_replica(LLAMA2_70B, campaign("auto", method="sprint", sequences=256), 80)
+    # Llama-2-70B with SPRINT's 128 x 2048 tokens: the refits' float64 sums (5 x 8.6 GB) exceed the budget of
+    # 3 GPUs, so the actor keeps them in host memory (actors/sprint.py): they take nothing on the GPUs, and 3
+    # GPUs hold it, with the step's walk recording its 4 checkpoints (4 GiB each) on the device.
+    big = size_replica(LLAMA2_70B, campaign("auto", method="sprint", sequences=128), 80)
     assert big.gpus == 3 and big.working.sprint.refits == 0
-    assert resolve_gpus_per_actor(campaign("auto", method="sprint", sequences=256), inventory=NODE_8X80,
+    assert big.working.sprint.step_streams == 4 * 128 * 2048 * 8192 * 2
+    assert resolve_gpus_per_actor(campaign("auto", method="sprint", sequences=128), inventory=NODE_8X80,
                                   model_config=LLAMA2_70B) == 3
+
+
+def test_sprint_working_memory_follows_refit_target_and_reference():
+    """Short windows (8 x 256 tokens of Llama-2-7B: 16 MiB a stream of all of them) keep every store, so
+    the settings show: the dense model's streams in the memo, a second branch stream per refit."""
+    import dataclasses
+
+    from actors.sizing import sprint_checkpoint_budget
+    from actors.sprint import STORE_BYTES
+    from cluster.replica_size import working_memory_of
+    from search_spaces import Arch
+    from search_spaces.memory import sprint_memory
+
+    base = campaign("auto", method="sprint", length=128)
+    figures = {}
+    for target in ("local", "dense"):
+        for reference in ("window", "current"):
+            settings = SprintConfig(top_k=5, refit_target=target, reference=reference)
+            config = dataclasses.replace(base, search=dataclasses.replace(base.search, sprint=settings))
+            figures[target, reference] = working_memory_of(config, LLAMA2_7B, 80 * 10**9)(1).sprint
+            budget = sprint_checkpoint_budget(LLAMA2_7B, "bfloat16", 80 * 10**9, 1)
+            assert figures[target, reference] == sprint_memory(
+                Arch.from_hf_config(LLAMA2_7B), windows=8, tokens=256, element_bytes=2, top_k=5,
+                store_bytes=STORE_BYTES, checkpoint_budget=budget, refit_target=target, reference=reference)
+    stream = 8 * 256 * 4096 * 2  # the dense state: 65 every-block streams in place of 4 checkpoints
+    assert figures["dense", "window"].checkpoints - figures["local", "window"].checkpoints == (65 - 4) * stream
+    assert figures["local", "window"].step_streams - figures["local", "current"].step_streams == 5 * stream
 
 
 def test_the_ray_cluster_of_the_tests_has_no_gpus(ray_session):

@@ -42,14 +42,17 @@ def test_sprint_adds_checkpoints_stores_and_refits_and_a_budget_caps_the_checkpo
     w = working_memory(LLAMA70, batch_size=4, tokens=2048, element_bytes=2, sprint=True, windows=128, top_k=5)
     all_windows = 128 * 2048 * 8192 * 2
     assert w.sprint.checkpoints == 3 * 4 * all_windows  # 3 states x checkpoints at layers 0, 20, 40, 60
-    assert w.sprint.step_streams == 0  # 4 GiB per stream of all windows: nothing fits the 2 GiB store
+    # 4 GiB per stream of all windows: nothing fits the 2 GiB store, but the step's walk records its own
+    # checkpoints on the device before the memo takes them (and parks what passes its budget).
+    assert w.sprint.step_streams == 4 * all_windows
     assert w.sprint.refits == 5 * (28672**2 + 28672 * 8192) * 8 + 4 * 28672**2 * 8
     assert w.anywhere == w.temporaries + w.loss + w.sprint.refits
     capped = working_memory(LLAMA70, batch_size=4, tokens=2048, element_bytes=2, sprint=True, windows=128,
                             checkpoint_budget=8 * GIB)
     assert capped.sprint.checkpoints == 8 * GIB
     small = working_memory(LLAMA70, batch_size=4, tokens=16, element_bytes=2, sprint=True, windows=4)
-    assert small.sprint.step_streams > 0  # small windows: the step keeps its streams on the device
+    few = 4 * 16 * 8192 * 2
+    assert small.sprint.step_streams >= 161 * few  # small windows: the walk keeps every block's stream (below)
     with pytest.raises(ValueError, match="windows"):
         working_memory(LLAMA70, batch_size=4, tokens=2048, element_bytes=2, sprint=True)
 
@@ -59,3 +62,25 @@ def test_dtype_bytes_and_units():
     with pytest.raises(ValueError, match="use auto"):
         dtype_bytes("int8")
     assert human_bytes(128 * MIB) == "128.0 MiB" and human_bytes(1.5 * GIB) == "1.5 GiB" and human_bytes(12) == "12 B"
+
+
+def test_sprint_stores_follow_refit_target_and_reference():
+    """Streams of 4 windows x 16 tokens (1 MiB each): every store fits the 2 GiB store. In streams:
+    C = 4 checkpoints per state, F = 161 entering every block and the end, E = F - C kept beside the
+    memo, top_k = 5 refits with two branch streams each (one with the ``current`` reference, a view
+    of the kept streams). ``dense`` adds the dense model's every-block streams to the memo."""
+    few = 4 * 16 * 8192 * 2
+
+    def sprint(**settings):
+        return working_memory(LLAMA70, batch_size=4, tokens=16, element_bytes=2, sprint=True, windows=4,
+                              **settings).sprint
+
+    local, current, dense = sprint(), sprint(reference="current"), sprint(refit_target="dense")
+    assert local.checkpoints == current.checkpoints == 3 * 4 * few
+    assert local.step_streams == (161 - 4 + 2 * 5) * few and current.step_streams == (161 - 4 + 5) * few
+    assert dense.checkpoints == (2 * 4 + 161) * few  # the dense state is one of the memo's 3
+    assert dense.step_streams == local.step_streams and dense.refits == local.refits
+    # The store cap decides: a 100 MiB checkpoint budget keeps no every-block streams (161 MiB), so the
+    # walks (the dense one too) record only the checkpoints, and the refits' branches fit: 2 x 5 new streams.
+    capped = sprint(refit_target="dense", checkpoint_budget=100 << 20)
+    assert capped.checkpoints == 3 * 4 * few and capped.step_streams == max(4, 2 * 5) * few
