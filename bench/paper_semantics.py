@@ -1,7 +1,7 @@
 """Benchmark: what each of the papers' semantics changes, one setting at a time (issue "Faithful to
 the papers' code").
 
-    .venv/bin/python bench/paper_semantics.py
+    .venv/bin/python bench/paper_semantics.py [SPRINT] [MultiPruner]   # default: both
 
 On SmolLM2-135M with the demo's data (2 x 128 calibration tokens, 16 x 256 held-out), one after the
 other on this machine:
@@ -19,6 +19,7 @@ Section ``<!-- paper_semantics -->`` of bench/RESULTS.md.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -50,34 +51,51 @@ def campaign(config: str, name: str, overrides: list[str]) -> dict:
     kinds: dict[str, int] = {}
     for step in path["steps"]:
         kinds[step["kind"]] = kinds.get(step["kind"], 0) + 1
-    return {"name": name, "wall": wall, "ratio": path["steps"][-1]["ratio"], "heldout": path["heldout"]["pruned_ppl"],
-            "steps": ", ".join(f"{n} {k}" for k, n in kinds.items())}
+    figures = {"name": name, "wall": wall, "ratio": path["steps"][-1]["ratio"],
+               "heldout": path["heldout"]["pruned_ppl"], "steps": ", ".join(f"{n} {k}" for k, n in kinds.items())}
+    (run_dir / "result.json").write_text(json.dumps(figures))
+    return figures
+
+
+def rows_of(method: str) -> list[tuple[str, str, list[str]]]:
+    """(config, run name, overrides) of each row of ``method``, in the table's order."""
+    if method == "SPRINT":
+        base = ["search.target_ratio=0.118", "search.sprint.latency_prompt=512", "search.sprint.latency_generate=0"]
+        return ([("sprint-smollm2.yaml", "sprint-paper", base)]
+                + [("sprint-smollm2.yaml", f"sprint-{k}", [*base, f"search.sprint.{k}={v}"])
+                   for k, v in SPRINT_EARLIER.items()]
+                + [("sprint-smollm2.yaml", "sprint-earlier",
+                    [*base, *(f"search.sprint.{k}={v}" for k, v in SPRINT_EARLIER.items())])])
+    base = ["search.method=multipruner", "search.target_ratio=0.1119"]  # its defaults: bench/campaigns.py's row
+    return [("demo.yaml", f"multipruner-{k}", [*base, f"search.{k}={v}"]) for k, v in MULTIPRUNER_EARLIER.items()]
+
+
+def setting(name: str) -> str:
+    key = name.split("-", 1)[1]
+    earlier = {**SPRINT_EARLIER, **MULTIPRUNER_EARLIER}
+    return {"paper": "paper (defaults)", "earlier": "all earlier"}.get(key, f"{key}: {earlier.get(key)}")
 
 
 def main() -> None:
-    sprint = ["search.target_ratio=0.118", "search.sprint.latency_prompt=512", "search.sprint.latency_generate=0"]
-    rows = [("SPRINT", "paper (defaults)", campaign("sprint-smollm2.yaml", "sprint-paper", sprint))]
-    for key, value in SPRINT_EARLIER.items():
-        rows.append(("SPRINT", f"{key}: {value}", campaign("sprint-smollm2.yaml", f"sprint-{key}",
-                                                           [*sprint, f"search.sprint.{key}={value}"])))
-    rows.append(("SPRINT", "all earlier", campaign("sprint-smollm2.yaml", "sprint-earlier",
-                                                   [*sprint, *(f"search.sprint.{k}={v}" for k, v in SPRINT_EARLIER.items())])))
-    multi = ["search.method=multipruner", "search.target_ratio=0.1119"]
-    for key, value in MULTIPRUNER_EARLIER.items():  # the paper's defaults: bench/campaigns.py's MultiPruner row
-        rows.append(("MultiPruner", f"{key}: {value}", campaign("demo.yaml", f"multipruner-{key}",
-                                                                [*multi, f"search.{key}={value}"])))
-    for method, setting, r in rows:
-        print(f"{method} {setting}: ratio {r['ratio']:.4f}, held-out {r['heldout']:.3f}, {r['wall']:.0f} s, {r['steps']}")
+    only = sys.argv[1:] or ["SPRINT", "MultiPruner"]
+    for method in only:
+        for config, name, overrides in rows_of(method):
+            r = campaign(config, name, overrides)
+            print(f"{method} {setting(name)}: ratio {r['ratio']:.4f}, held-out {r['heldout']:.3f}, {r['wall']:.0f} s")
     lines = ["## The papers' semantics, one setting at a time (`bench/paper_semantics.py`)", "",
-             f"{time.strftime('%Y-%m-%d')}, this machine (2 cores, shared with other work: wall times are indicative), "
-             "SmolLM2-135M, the demo's 2 x 128 calibration tokens and 16 x 256 held-out tokens (dense 19.855). "
-             "SPRINT: configs/sprint-smollm2.yaml to 0.118, one 512-token prefill latency table for every run. "
-             "MultiPruner: 30:60:10, MLP group 256, to 0.1119; its paper-default row is bench/campaigns.py's. Each "
-             "row but a method's defaults reverts one setting (\"all earlier\": every one) to rayprune's earlier "
-             "behaviour.", "",
+             f"{time.strftime('%Y-%m-%d')}, this machine (2 cores; wall times indicative, some runs shared it), SmolLM2-135M, the demo's 2 x 128 calibration "
+             "tokens and 16 x 256 held-out tokens (dense 19.855). SPRINT: configs/sprint-smollm2.yaml to 0.118, "
+             "one 512-token prefill latency table for every run. MultiPruner: 30:60:10, MLP group 256, to 0.1119; "
+             "its paper-default row is bench/campaigns.py's. Each row but a method's defaults reverts one setting "
+             "(\"all earlier\": every one) to rayprune's earlier behaviour.", "",
              "| method | setting | ratio | steps | held-out ppl | wall |", "|---|---|---:|---|---:|---:|"]
-    lines += [f"| {m} | {s} | {r['ratio']:.4f} | {r['steps']} | {r['heldout']:.3f} | {r['wall']:.0f} s |"
-              for m, s, r in rows]
+    for method in ("SPRINT", "MultiPruner"):
+        for _, name, _ in rows_of(method):
+            file = OUT / name / "result.json"
+            if file.is_file():
+                r = json.loads(file.read_text())
+                lines.append(f"| {method} | {setting(name)} | {r['ratio']:.4f} | {r['steps']} | {r['heldout']:.3f} | "
+                             f"{r['wall']:.0f} s |")
     write_section(MARKER, lines)
 
 

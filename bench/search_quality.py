@@ -150,7 +150,8 @@ def write_table() -> None:
              "KL(dense || mask) per token, perplexity reported. Tokens: calibration tokens of every row the "
              "campaign used, including its warm start's (the compute from a cold start). Wall: the campaign's, "
              "plus the run it reused (the warm start, or the same greedy search to the lower ratio); "
-             "\"resumed\": measured in two sittings, the wall time of the second only.", "",
+             "\"resumed\": measured in two sittings, the wall time of the second only. The 2 cores were "
+             "shared with other work during some entries, so wall times are indicative; tokens are the compute.", "",
              "| ratio | method | ratio reached | mask | calibration ppl | held-out ppl | tokens | wall |",
              "|---:|---|---:|---|---:|---:|---:|---:|"]
     for entry, r in done:
