@@ -55,7 +55,7 @@ class Counters:
     tokens_by_set: dict[str, int] = field(default_factory=dict)
 
     def served(self, row: Mapping[str, Any], window_set: str) -> None:
-        """Count one row of ``window_set`` served from the cache."""
+        """Count one row of ``window_set`` (a segment's: the set it is cut from) served from the cache."""
         self.cached += 1
         self.tokens_cached += self._used(int(row.get("tokens") or 0), window_set)
 
@@ -64,8 +64,7 @@ class Counters:
         self.tokens_evaluated += self._used(tokens, window_set)
 
     def _used(self, tokens: int, window_set: str) -> int:
-        name = window_set.split("[", 1)[0]  # a segment counts for the set it is cut from
-        self.tokens_by_set[name] = self.tokens_by_set.get(name, 0) + tokens
+        self.tokens_by_set[window_set] = self.tokens_by_set.get(window_set, 0) + tokens
         return tokens
 
     @property
@@ -145,7 +144,7 @@ class Scorer:
                              calibration_fp=self.fingerprints[window_set])
         if row is None:
             return None
-        self.counters.served(row, window_set)
+        self.counters.served(row, self.parent_set(window_set))
         return row["ppl"]
 
     def known(self, window_set: str = "calibration", fitness: str = "ppl") -> dict[Mask, float]:
@@ -174,7 +173,7 @@ class Scorer:
                 todo.append(mask)
             else:
                 scores[mask] = row["ppl"]
-                self.counters.served(row, window_set)
+                self.counters.served(row, self.parent_set(window_set))
         total = len(scores) + len(todo)
         # A bar on a terminal; one log line per result where nobody watches a bar (ray job logs, CI).
         bar_on = self.progress and sys.stderr.isatty()
@@ -258,6 +257,10 @@ class Scorer:
                 out[mask] = perplexity(math.fsum(r["nll_sum"] for r in rows), sum(int(r["tokens"]) for r in rows))
         return out
 
+    def parent_set(self, window_set: str) -> str:
+        """The window set a segment is cut from (a set that is no segment: itself)."""
+        return self.segments.get(window_set, (window_set,))[0]
+
     def fitness_fingerprint(self, fitness: str = "ppl") -> str:
         """The model fingerprint a fitness's rows are keyed by: the model's, ``+kl...`` for KL."""
         return self.model_fingerprint if fitness == "ppl" else f"{self.model_fingerprint}+{fitness}"
@@ -276,7 +279,7 @@ class Scorer:
         n_actors = len(self.dispatcher.actors)
         chunks = balanced_chunks(costs, 1 if n_actors == 1 else 2 * n_actors)
         base_json = None if base is None else base.to_json()
-        evaluated = self.segments.get(window_set, (window_set,))[0]  # a segment is evaluated on its set's rows
+        evaluated = self.parent_set(window_set)  # a segment is evaluated on its set's rows
         return [Task(evaluated, [masks[order[i]].to_json() for i in chunk], base_json, rows=rows, tokens=tokens,
                      fitness=fitness)
                 for chunk in chunks for rows, tokens in self._shards(window_set, len(chunks), n_actors)]
@@ -307,7 +310,7 @@ class Scorer:
         else:
             self.counters.evaluated += count
             if count:
-                self.counters.computed(int(row["tokens"]), window_set)
+                self.counters.computed(int(row["tokens"]), self.parent_set(window_set))
             nll, tokens, seconds, worker = row["nll_sum"], row["tokens"], row.get("seconds"), row.get("worker")
             ppl = perplexity(nll, tokens)
         model_fp = model_fingerprint or self.model_fingerprint

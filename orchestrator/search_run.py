@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from .scorer import Scorer
 
 log = logging.getLogger("rayprune")
-WIDTH_WINDOWS = "calibration_width"  # MultiPruner's width-stage rows (data.protocol: multipruner)
 
 
 class SearchRun(Protocol):
@@ -51,6 +50,8 @@ class PerplexityRun:
 
     def searcher(self) -> Searcher:
         from actors.models import read_model_config
+
+        from .data.protocols import WIDTH_WINDOWS
 
         return make_searcher(self.config.search, self.scorer.arch, run_dir=self.rundir.path,
                              pool_size=len(self.scorer.dispatcher.actors),

@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 
     from ..config import DataConfig
 
-__all__ = ["EVOPRESS_SHUFFLE_BUFFER", "calibration_windows", "describe_protocol", "evaluation_windows"]
+__all__ = ["EVOPRESS_SHUFFLE_BUFFER", "WIDTH_WINDOWS", "calibration_windows", "describe_protocol", "evaluation_windows"]
+
+WIDTH_WINDOWS = "calibration_width"  # the window set of MultiPruner's width stages (its first draw of rows)
 
 EVOPRESS_SHUFFLE_BUFFER = 10_000  # get_fineweb_edu: dataset.shuffle(seed=0, buffer_size=10_000)
 _BOS = {"blockpruner": True, "multipruner": True, "sprint": True, "evopress": False}  # tokenizer(text) or not
@@ -82,7 +84,7 @@ def calibration_windows(tokenizer: PreTrainedTokenizerBase, data: DataConfig) ->
         draws = draw_rows(alpaca_test_part(read_rows(data.corpus)), counts, cal.seed)
         windows = [consecutive_windows(encode(tokenizer, "\n\n".join(rows), special_tokens=True), cal.length,
                                        cal.sequences, "calibration") for rows in draws]
-        return {"calibration": windows[-1]} | ({"calibration_width": windows[0]} if len(windows) == 2 else {})
+        return {"calibration": windows[-1]} | ({WIDTH_WINDOWS: windows[0]} if len(windows) == 2 else {})
     if protocol == "sprint":
         ids = encode(tokenizer, " ".join(read_rows(data.corpus)), special_tokens=True)
         return {"calibration": random_windows(ids, cal.length, cal.sequences, cal.seed, "calibration")}
