@@ -90,7 +90,12 @@ class Campaign:
     def run(self) -> CampaignResult:
         """Lock the run directory, run the search (resuming from the cache), write every output."""
         with self.rundir, self.storage:  # a URI output: pull to resume, mirror while running and at the end
-            return self._run()
+            result = self._run()
+            if self.config.recovery is not None:  # LoRA recovery of the export, on the same Ray session
+                from .recover import recover
+
+                recover(self.run_dir, self.config.recovery, progress=self.progress)
+            return result
 
     def _run(self) -> CampaignResult:
         from cluster.session import evaluator_pool

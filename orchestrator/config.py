@@ -219,6 +219,9 @@ class Config:
     # CPU) | bfloat16 | float16 | float32; part of the cache fingerprint; <output>/model is exported
     # in the dtype the replicas ran in
     dtype: str = "auto"
+    # a LoRA recovery of <output>/model after the export (orchestrator.recovery_config.RecoveryConfig),
+    # or None: none (`rayprune recover RUN` runs one later)
+    recovery: Any = None
 
     def __post_init__(self) -> None:
         if self.output is None:

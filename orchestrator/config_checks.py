@@ -2,7 +2,7 @@
 
 A leaf check takes ``(value, dotted field)`` and returns the clean value or raises :class:`BadValue`
 (reason; fix). :data:`SCHEMA` maps every section of :class:`~orchestrator.config.Config` to its
-dataclass and every key to its check or subsection; ``orchestrator.config_load._build`` walks it.
+dataclass and every key to its check or subsection; ``orchestrator.config_walk._build`` walks it.
 This module imports from :mod:`orchestrator.config` only.
 """
 

@@ -12,16 +12,15 @@ Contract of :func:`load_config`:
 Relative paths (``data.calibration.windows``, ``output``) are relative to the working directory
 the campaign runs in, as for any command-line tool. The config itself (the frozen dataclasses and
 :class:`ConfigError`) is :mod:`orchestrator.config`; the leaf value checks and the schema table
-live in :mod:`orchestrator.config_checks`.
+live in :mod:`orchestrator.config_checks`, the schema walk and the overrides in :mod:`orchestrator.config_walk`.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-from dataclasses import MISSING, fields
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import yaml
 
@@ -30,66 +29,11 @@ from search_spaces.budget import check_multipruner, family_defaults, grid_group
 from search_spaces.mask_space import MaskSpace, check_optuna
 
 from .config import Config, ConfigError
-from .config_checks import SCHEMA, BadValue, Section, protocol_problems, resolve_protocol
+from .recovery_config import build_recovery
+from .config_checks import SCHEMA, protocol_problems, resolve_protocol
+from .config_walk import _apply_override, _build
 from .files import atomic_write
 from .storage import uri_problem, uri_scheme
-
-
-# ---- walking the schema (config_checks.SCHEMA) --------------------------------------------------
-def _default(cls: type, defaults: Any, key: str) -> Any:
-    """Default of ``cls.key``: from the parent's default instance, else the dataclass; MISSING if none."""
-    if defaults is not None:
-        return getattr(defaults, key)
-    spec = {f.name: f for f in fields(cls)}[key]
-    if spec.default is not MISSING:
-        return spec.default
-    if spec.default_factory is not MISSING:
-        return spec.default_factory()
-    return MISSING
-
-
-def _unknown_key(key: Any, path: str, known: Iterable[str]) -> str:
-    dotted = f"{path}{key}"
-    close = difflib.get_close_matches(str(key), list(known), n=1, cutoff=0.6)
-    hint = f"did you mean {path}{close[0]}?" if close else f"valid keys here: {', '.join(known)}"
-    return f"{dotted}: unknown key; {hint}"
-
-
-def _build(section: Section, raw: Mapping[str, Any], path: str, defaults: Any,
-           problems: list[str], valid: dict[str, Any]) -> Any:
-    """Check ``raw`` against ``section``; return the dataclass, or None if anything was wrong.
-
-    Every problem is appended to ``problems``; every leaf that passed is recorded in ``valid``
-    (dotted field -> clean value) so that cross-field checks can run on a partly broken config.
-    """
-    cls, spec = section
-    problems.extend(_unknown_key(k, path, spec) for k in raw if k not in spec)
-    values: dict[str, Any] = {}
-    ok = True
-    for key, check in spec.items():
-        dotted, default = f"{path}{key}", _default(cls, defaults, key)
-        if isinstance(check, tuple):
-            sub = raw.get(key, {})
-            sub = {} if sub is None else sub
-            if not isinstance(sub, Mapping):
-                problems.append(f"{dotted}: {sub!r} is not a section; write it as a mapping of keys")
-                ok = False
-                continue
-            parent = None if default is MISSING else default
-            values[key] = _build(check, sub, f"{dotted}.", parent, problems, valid)
-            ok = ok and values[key] is not None
-        elif key in raw:
-            try:
-                values[key] = valid[dotted] = check(raw[key], dotted)
-            except BadValue as bad:
-                problems.append(f"{dotted} {raw[key]!r} {bad}")
-                ok = False
-        elif default is MISSING:
-            problems.append(f"{dotted}: missing; it is required, set it in the YAML or as {dotted}=...")
-            ok = False
-        else:
-            values[key] = valid[dotted] = default
-    return cls(**values) if ok else None
 
 
 # ---- cross-field checks -------------------------------------------------------------------------
@@ -185,41 +129,6 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _parse_value(text: str) -> Any:
-    """An override's value as YAML (``0.1``, ``true``, ``null``, ``{a: 1}``); unparsable: the raw text."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _merge(target: dict[str, Any], key: str, value: Any) -> None:
-    if isinstance(value, dict) and isinstance(target.get(key), dict):
-        for sub_key, sub_value in value.items():
-            _merge(target[key], sub_key, sub_value)
-    else:
-        target[key] = value
-
-
-def _apply_override(raw: dict[str, Any], override: str) -> str | None:
-    """Set ``a.b=value`` in ``raw`` (in place); return a problem line when it is malformed."""
-    dotted, sep, text = override.partition("=")
-    parts = dotted.strip().split(".")
-    if not sep or not all(parts):
-        return f"override {override!r}: expected key=value, e.g. search.target_ratio=0.1"
-    node = raw
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            prefix = ".".join(parts[: depth + 1])
-            return f"override {override!r}: {prefix} is a value ({child!r}), not a section; set {prefix}=... instead"
-        node = child
-    _merge(node, parts[-1], _parse_value(text))
-    return None
-
-
 # ---- public entry points ------------------------------------------------------------------------
 def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
                 check_model: Callable[[str], dict] | None = None) -> Config:
@@ -233,7 +142,16 @@ def load_config(path: str | Path | None, overrides: Iterable[str] = (), *,
     raw = _read_yaml(path) if path is not None else {}
     problems = [p for p in (_apply_override(raw, o) for o in overrides) if p]
     valid: dict[str, Any] = {}
+    recovery_raw = raw.pop("recovery", None)  # an optional section: absent (or null) means no recovery
     config = _build(SCHEMA, raw, "", None, problems, valid)
+    if recovery_raw is not None:
+        recovery, recovery_problems = build_recovery(recovery_raw)
+        problems.extend(recovery_problems)
+        if config is not None and recovery is not None:
+            config = replace(config, recovery=recovery)
+            if not config.export and recovery.model is None:
+                problems.append("recovery: it fine-tunes <output>/model, which export: false does not write; "
+                                "set export=true, or give recovery.model")
     problems.extend(protocol_problems(raw.get("data"), valid))  # data.protocol: its preset fills unset keys
     config = resolve_protocol(config, raw.get("data"))
     problems.extend(_target_problems(valid))

@@ -1,4 +1,5 @@
-"""The report's pictures: ``curve.png`` (perplexity along the path) and ``mask.png`` (what is kept).
+"""The report's pictures: ``curve.png`` (perplexity along the path), ``mask.png`` (what is kept),
+``pareto.png`` (a whole-mask search) and ``recovery/loss.png`` (the recovery fine-tuning's loss).
 
 matplotlib is imported inside the functions and always with the Agg backend: no display is needed,
 and importing this module stays cheap.
@@ -181,3 +182,74 @@ def write_pareto(search: dict[str, Any], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+
+
+def write_loss_curve(log: list[dict[str, Any]], out: Path, *, title: str = "") -> None:
+    """Training loss against the optimizer step, validation loss as points where the log has it.
+
+    ``log``: the trainer's entries, ``{"step", "loss", "lr", "tokens", "seconds"}`` and sometimes
+    ``"val_loss"``. A step logged twice (a resumed run redoes the steps after its last checkpoint)
+    is drawn once, with its last value. Non-finite losses (a diverged step logs NaN) are left out
+    and counted in the legend; a log without a finite loss still gives a picture that says so.
+    When the tokens grow with the steps, a top axis reads them off.
+    """
+    plt = _pyplot()
+    train, val = _by_step(log, "loss"), _by_step(log, "val_loss")
+    dropped = sum(1 for e in log if "loss" in e) - len(train)
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=130)
+    if train:
+        ax.plot(*zip(*train), color="tab:blue", lw=1.2, label="training loss" + (
+            f" ({dropped} non-finite not shown)" if dropped > 0 else ""))
+    if val:
+        ax.plot(*zip(*val), color="tab:orange", marker="o", ms=4, lw=0.8, ls="--", label="validation loss")
+    if not train and not val:
+        ax.text(0.5, 0.5, f"no finite loss in {len(log)} log entries", ha="center", va="center",
+                transform=ax.transAxes, color="0.4")
+    _tokens_axis(ax, log)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean token cross-entropy)")
+    ax.set_title(title or "recovery fine-tuning", fontsize=10)
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend(fontsize=7, loc="upper right", frameon=False)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def _number(value: Any) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _by_step(log: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(step, value) of the entries with a finite ``key``, by step, the last entry of a step winning."""
+    points = {float(e["step"]): float(e[key]) for e in log if _number(e.get("step")) and _number(e.get(key))}
+    return sorted(points.items())
+
+
+def _tokens_axis(ax: Any, log: list[dict[str, Any]]) -> None:
+    """A top axis in tokens trained on, from the log's (step, tokens) pairs when both grow together."""
+    import numpy as np
+
+    pairs = _by_step(log, "tokens")
+    if len(pairs) < 2:
+        return
+    steps, tokens = np.array(pairs).T  # (2, points)
+    if np.any(np.diff(tokens) <= 0):
+        return
+    top = ax.secondary_xaxis("top", functions=(lambda s: _interp(s, steps, tokens), lambda t: _interp(t, tokens, steps)))
+    top.set_xlabel("tokens trained on", fontsize=8)
+    top.tick_params(labelsize=7)
+
+
+def _interp(x: Any, xp: Any, fp: Any) -> Any:
+    """``np.interp``, continued linearly beyond both ends (an axis's ticks may lie past the data)."""
+    import numpy as np
+
+    x = np.asarray(x, dtype=float)
+    y = np.interp(x, xp, fp)
+    low, high = (fp[1] - fp[0]) / (xp[1] - xp[0]), (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    y = np.where(x < xp[0], fp[0] + (x - xp[0]) * low, y)
+    return np.where(x > xp[-1], fp[-1] + (x - xp[-1]) * high, y)

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from search_spaces import Arch, Mask
 
 from .data.protocols import describe_protocol
+from .formatting import duration
 from .rundir import RunDir, final_mask
 
 log = logging.getLogger("rayprune")
@@ -76,12 +77,6 @@ def _structure_lines(mask: Mask) -> list[str]:
     return lines
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
-
-
 def _summary(path: dict, config: dict[str, Any], mask: Mask) -> list[str]:
     steps = path["steps"]
     final = steps[-1] if steps else None
@@ -124,7 +119,7 @@ def _cost_lines(path: dict) -> list[str]:
         return []
     lines = ["| | |", "|---|---:|"]
     if seconds is not None:
-        lines.append(f"| wall time | {_duration(seconds)} ({seconds:.0f} s) |")
+        lines.append(f"| wall time | {duration(seconds)} ({seconds:.0f} s) |")
         if path["steps"]:
             lines.append(f"| per step | {seconds / len(path['steps']):.1f} s |")
     if ev:
@@ -181,4 +176,7 @@ def write_report(run_dir: Path) -> Path:
     cost = _cost_lines(path)
     if cost:
         lines += ["## Time and evaluations", ""] + cost
+    from .report_recovery import recovery_section
+
+    lines += recovery_section(run_dir)
     return rundir.write_text("report.md", "\n".join(lines).rstrip() + "\n")

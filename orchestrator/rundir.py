@@ -297,7 +297,7 @@ def final_mask(path: dict) -> Mask:
 
 
 #: Keys that change where a search stops or where it runs, not what its path means.
-_SAME_PATH_TOP = {"name", "output", "export", "cluster"}
+_SAME_PATH_TOP = {"name", "output", "export", "cluster", "recovery"}
 _SAME_PATH_KEYS = {"search.target_ratio", "search.max_steps", "search.target_speedup"}
 
 

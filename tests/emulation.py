@@ -32,6 +32,9 @@ Rules:
    ``dispatch_model`` hooks run under the emulation (with ``torch.cuda`` queries patched by the test).
 8. The mode is per thread (as torch function modes are): while :func:`emulate` is active, callables
    submitted to a ``concurrent.futures.ThreadPoolExecutor`` run under the same emulation.
+9. Autograd's engine runs in C++, unseen: a gradient read through ``.grad`` is put on its tensor's
+   device, where CUDA's autograd accumulates it; and torch's foreach grouping (AdamW,
+   ``clip_grad_norm_``), also C++, is replaced by one that groups by the emulated devices.
 
 ``place()`` puts a tiny model on emulated devices the way accelerate's ``device_map="auto"`` does:
 each module of the map is registered on its device and gets a forward pre-hook that moves its tensor
@@ -126,6 +129,12 @@ class DeviceEmulation(TorchFunctionMode):
             if owner.__name__ == "device":
                 return torch.device(fake)
             return fake.startswith("cuda") if owner.__name__ == "is_cuda" else fake == "cpu"
+        if name == "__get__" and isinstance(owner, type(torch.Tensor.device)) and owner.__name__ == "grad":
+            grad = func(*args, **kwargs)
+            fake = self.device_of(args[0])
+            if grad is not None and fake != "cpu" and self.device_of(grad) == "cpu":
+                self.register(grad, fake)  # rule 9: autograd (C++) accumulates it where its tensor lives
+            return grad
         if name == "get_device" and args and isinstance(args[0], torch.Tensor):
             fake = torch.device(self.device_of(args[0]))
             return -1 if fake.type == "cpu" else fake.index
@@ -248,11 +257,37 @@ def emulate() -> Iterator[DeviceEmulation]:
     concurrent.futures.ThreadPoolExecutor.submit = submit
     _STATE["mode"] = mode
     try:
-        with mode:
+        with mode, _grouping_by_emulated_device():
             yield mode
     finally:
         concurrent.futures.ThreadPoolExecutor.submit = original_submit
         _STATE["mode"] = previous
+
+
+def _group_by_device_and_dtype(tensorlistlist, with_indices: bool = False):
+    """``torch._C._group_tensors_by_device_and_dtype`` by the emulated devices: the C++ original sees
+    every tensor on the real CPU, so torch's foreach paths (AdamW, ``clip_grad_norm_``) would put
+    tensors of two emulated GPUs in one group, which CUDA never does."""
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[list], list[int]]] = {}
+    for index, tensor in enumerate(tensorlistlist[0]):
+        lists, indices = groups.setdefault((tensor.device, tensor.dtype), ([[] for _ in tensorlistlist], []))
+        for out, source in zip(lists, tensorlistlist):
+            if source:  # an empty list (AdamW's max_exp_avg_sqs without amsgrad) stays empty
+                out.append(source[index])
+        indices.append(index)
+    return groups
+
+
+@contextlib.contextmanager
+def _grouping_by_emulated_device() -> Iterator[None]:
+    import importlib
+    from unittest import mock
+
+    with contextlib.ExitStack() as stack:
+        for name in ("torch.optim.optimizer", "torch.nn.utils.clip_grad"):
+            stack.enter_context(mock.patch.object(importlib.import_module(name), "_group_tensors_by_device_and_dtype",
+                                                  _group_by_device_and_dtype))
+        yield
 
 
 # ---- placing a model the way accelerate's device_map="auto" does -----------------------------------

@@ -20,7 +20,7 @@ from .corpus import CorpusError, load_documents
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["heldout_windows", "read_windows", "token_windows", "windows_fingerprint", "write_windows"]
+__all__ = ["heldout_windows", "read_windows", "token_stream", "token_windows", "windows_fingerprint", "write_windows"]
 
 
 def token_windows(
@@ -41,7 +41,7 @@ def token_windows(
     """
     if sequences < 1 or length < 1:
         raise CorpusError(f"data.{what}: sequences={sequences} and length={length} must both be at least 1.")
-    stream = _token_stream(tokenizer, documents)
+    stream = token_stream(tokenizer, documents)
     needed = sequences * length
     if stream.size < needed:
         raise CorpusError(
@@ -69,7 +69,7 @@ def heldout_windows(tokenizer: PreTrainedTokenizerBase, corpus: str, sequences: 
     return token_windows(tokenizer, load_documents(corpus, "test"), sequences, length, seed, what="evaluation")
 
 
-def _token_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]) -> np.ndarray:
+def token_stream(tokenizer: PreTrainedTokenizerBase, documents: Sequence[str]) -> np.ndarray:
     """All documents' token ids, EOS between consecutive documents, as one int64 array."""
     eos = tokenizer.eos_token_id
     if eos is None:
