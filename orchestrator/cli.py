@@ -83,16 +83,18 @@ def _recover(args: argparse.Namespace) -> int:
     from .recovery_config import load_recovery
     from .storage import local_run
 
-    with local_run(args.run_dir, write_back=True) as run_dir:  # a run behind a URI is pulled, then mirrored
-        config_file = Path(run_dir) / "config.yaml"
-        base = None
-        if config_file.is_file():
-            import yaml
+    from .rundir import RunDir
 
-            base = (yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}).get("recovery")
-        settings = load_recovery(base, args.overrides)
-        result = recover(run_dir, settings, tasks=tuple(args.tasks or ()), progress=not args.no_progress,
-                         fresh=args.fresh)
+    with local_run(args.run_dir, write_back=True) as run_dir:  # a run behind a URI is pulled, then mirrored
+        rundir = RunDir(Path(run_dir))
+        if not Path(run_dir).is_dir():
+            raise ValueError(f"{args.run_dir} is not a run directory; give the output of a campaign (e.g. runs/demo)")
+        # the run's recovery: section (if any), then the command line's KEY=VALUE
+        settings = load_recovery(rundir.read_config().get("recovery"),
+                                 args.overrides)
+        with rundir:  # one driver per run directory, as for `rayprune run`
+            result = recover(run_dir, settings, tasks=tuple(args.tasks or ()), progress=not args.no_progress,
+                             fresh=args.fresh)
         print(recovery_summary(result))
     return 0
 

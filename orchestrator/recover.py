@@ -84,16 +84,30 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return rundir.read_config() if rundir.has_config() else {}
 
 
-def _settings_problem(recovery_dir: Path, settings: RecoveryConfig) -> str | None:
+def model_identity(model_dir: Path) -> str:
+    """What the compact model is (its ``rayprune`` entry: dense model, mask, refits, channel order),
+    hashed: a re-export of another mask to the same directory is another model to recover."""
+    import hashlib
+
+    entry = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["rayprune"]
+    entry = {k: v for k, v in entry.items() if k != "recovery"}
+    return hashlib.sha256(json.dumps(entry, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _recorded_settings(settings: RecoveryConfig, model_dir: Path) -> dict[str, Any]:
+    return {**settings.to_dict(), "model_identity": model_identity(model_dir)}
+
+
+def _settings_problem(recovery_dir: Path, now: dict[str, Any]) -> str | None:
     file = recovery_dir / "settings.json"
     if not file.is_file():
         return None
     before = json.loads(file.read_text(encoding="utf-8"))
-    now = settings.to_dict()
-    changed = [k for k in TRAINING_KEYS if before.get(k) != now.get(k)]
+    changed = [k for k in (*TRAINING_KEYS, "model_identity") if before.get(k) != now.get(k)]
     if not changed:
         return None
-    shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+    shown = ", ".join("the compact model (another one was exported since)" if k == "model_identity" else
+                      f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
     return (f"{recovery_dir} was trained with other settings ({shown}); rerun with the earlier ones to resume "
             f"it, or add --fresh to start over (the earlier recovery is moved to {recovery_dir.parent}/history/)")
 
@@ -288,8 +302,13 @@ def recover(run_dir: str | Path, settings: RecoveryConfig, *, tasks: Sequence[st
         target.parent.mkdir(parents=True, exist_ok=True)
         recovery_dir.rename(target)
         log.info("the earlier recovery was moved to %s", target)
-    if problem := _settings_problem(recovery_dir, settings):
+    recorded = _recorded_settings(settings, model_dir)
+    if problem := _settings_problem(recovery_dir, recorded):
         raise RecoveryError(problem)
+    done = recovery_dir / "result.json"
+    if done.is_file() and not tasks:
+        log.info("%s is complete (same settings); its result is reused (--fresh trains again)", recovery_dir)
+        return json.loads(done.read_text(encoding="utf-8"))
     if tasks:
         from actors.zeroshot import check_tasks
 
@@ -301,7 +320,7 @@ def recover(run_dir: str | Path, settings: RecoveryConfig, *, tasks: Sequence[st
         raise RecoveryError(f"{len(train[0])} training examples do not fill one optimizer step of "
                             f"{settings.batch_size} x {settings.grad_accum} sequences; lower recovery.batch_size or "
                             f"recovery.grad_accum, or give more data")
-    atomic_write(recovery_dir / "settings.json", json.dumps(settings.to_dict(), indent=1))
+    atomic_write(recovery_dir / "settings.json", json.dumps(recorded, indent=1))
 
     connect(num_cpus=max(1, math.ceil(settings.workers * settings.cpus_per_worker)), namespace="rayprune")
     start = time.perf_counter()
