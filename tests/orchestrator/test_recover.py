@@ -156,3 +156,11 @@ def test_a_rerun_with_other_settings_must_say_fresh(campaign, tmp_path):
     shutil.copytree(campaign / "recovery", run / "recovery")
     with pytest.raises(RecoveryError, match=r"lr 0.01 -> 0.02.*--fresh"):
         recover(run, load_recovery(None, settings(lr=0.02)), progress=False)
+    assert recover(run, load_recovery(None, settings()), progress=False) == \
+        json.loads((campaign / "recovery" / "result.json").read_text())  # finished: reused, not trained again
+    config_file = run / "model" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rayprune"]["params"] += 1  # as if another model had been exported there since
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(RecoveryError, match="the compact model"):
+        recover(run, load_recovery(None, settings()), progress=False)
