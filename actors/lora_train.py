@@ -219,7 +219,9 @@ class LoraTrainer:
         """The step's loss and tokens over every worker (each holds its share)."""
         if self.world == 1 or not torch.distributed.is_initialized():
             return loss, tokens
-        both = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+        # NCCL reduces GPU tensors only; gloo (CPU workers) host ones
+        device = self.input_device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        both = torch.tensor([loss, float(tokens)], dtype=torch.float64, device=device)
         torch.distributed.all_reduce(both)
         return float(both[0]), int(both[1])
 
