@@ -173,14 +173,20 @@ class LoraTrainer:
     def _rows(self, micro: np.ndarray) -> np.ndarray:
         return micro[self.rank * self.local: (self.rank + 1) * self.local]
 
-    def _forward_loss(self, rows: np.ndarray, scale: float) -> tuple[torch.Tensor, int]:
-        ids, mask, labels = pad_batch([self.train_ids[i] for i in rows], [self.train_labels[i] for i in rows],
-                                      self.pad_id)
-        logits = self.model(input_ids=ids.to(self.input_device), attention_mask=mask.to(self.input_device)).logits
-        labels = labels.to(logits.device)
-        loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(),
+    def _loss_sum(self, model: torch.nn.Module, ids: Sequence[np.ndarray],
+                  labels: Sequence[np.ndarray]) -> tuple[torch.Tensor, int, int]:
+        """Summed token loss of a batch (fp32 logits, on their device), its tokens and its supervised tokens."""
+        batch, mask, target = pad_batch(ids, labels, self.pad_id)
+        logits = model(input_ids=batch.to(self.input_device), attention_mask=mask.to(self.input_device)).logits
+        target = target[:, 1:].to(logits.device)
+        loss_sum = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), target.flatten(),
                                                      ignore_index=IGNORE, reduction="sum")
-        return loss_sum * scale, int(mask.sum())
+        return loss_sum, int(mask.sum()), int((target != IGNORE).sum())
+
+    def _forward_loss(self, rows: np.ndarray, scale: float) -> tuple[torch.Tensor, int]:
+        loss_sum, tokens, _ = self._loss_sum(self.model, [self.train_ids[i] for i in rows],
+                                             [self.train_labels[i] for i in rows])
+        return loss_sum * scale, tokens
 
     def train_step(self) -> StepLog:
         """Optimizer step ``self.step`` (then ``self.step`` moves on); its log line."""
@@ -233,16 +239,11 @@ class LoraTrainer:
         self.model.eval()
         total, count = 0.0, 0
         for start in range(0, len(self.val_ids), max(1, self.local)):
-            rows = range(start, min(start + max(1, self.local), len(self.val_ids)))
-            ids, mask, labels = pad_batch([self.val_ids[i] for i in rows], [self.val_labels[i] for i in rows],
-                                          self.pad_id)
-            logits = self.peft_model(input_ids=ids.to(self.input_device),
-                                     attention_mask=mask.to(self.input_device)).logits
-            labels = labels.to(logits.device)
-            total += float(torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1),
-                                                             labels[:, 1:].flatten(), ignore_index=IGNORE,
-                                                             reduction="sum"))
-            count += int((labels[:, 1:] != IGNORE).sum())
+            stop = start + max(1, self.local)
+            loss_sum, _, supervised = self._loss_sum(self.peft_model, self.val_ids[start:stop],
+                                                     self.val_labels[start:stop])
+            total += float(loss_sum)
+            count += supervised
         return total / max(1, count)
 
     def run(self, *, on_log: Callable[[StepLog], None] = lambda log: None,

@@ -77,13 +77,6 @@ def recovery_model_dir(run_dir: Path, settings: RecoveryConfig) -> Path:
     return model_dir
 
 
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    from .rundir import RunDir
-
-    rundir = RunDir(run_dir)
-    return rundir.read_config() if rundir.has_config() else {}
-
-
 def model_identity(model_dir: Path) -> str:
     """What the compact model is (its ``rayprune`` entry: dense model, mask, refits, channel order),
     hashed: a re-export of another mask to the same directory is another model to recover."""
@@ -313,7 +306,7 @@ def recover(run_dir: str | Path, settings: RecoveryConfig, *, tasks: Sequence[st
         from actors.zeroshot import check_tasks
 
         check_tasks(tasks)
-    run_config = _run_config(run_dir)
+    run_config = RunDir(run_dir).read_config()  # {} without config.yaml
     recovery_dir.mkdir(parents=True, exist_ok=True)
     train, val, stats, pad_id = _prepare_data(model_dir, run_config, settings, recovery_dir)
     if len(train[0]) < settings.batch_size * settings.grad_accum:

@@ -335,6 +335,23 @@ def emulated_model(family: str, n_devices: int, *, tied: bool = False) -> tuple[
     return place(model, device_map(model, n_devices)), tiny_arch(family)
 
 
+def checkpoint_saver(root) -> Any:
+    """``save(family, tied=False) -> directory``: the tiny twin saved once under ``root`` as a complete
+    checkpoint (safetensors + tokenizer), for tests that load from disk."""
+    from pathlib import Path
+
+    from tests.tiny import char_tokenizer
+
+    def save(family: str, tied: bool = False) -> str:
+        directory = Path(root) / f"{family}-{'tied' if tied else 'untied'}"
+        if not directory.is_dir():
+            tiny_twin(family, tied).save_pretrained(directory)
+            char_tokenizer().save_pretrained(directory)
+        return str(directory)
+
+    return save
+
+
 def tiny_twin(family: str, tied: bool = False) -> nn.Module:
     """The tiny model of ``tests.tiny`` (untied), or the same weights with the LM head tied."""
     from tests.tiny import tiny_model

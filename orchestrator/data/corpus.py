@@ -134,17 +134,19 @@ def parse_hub_spec(spec: str) -> tuple[str, str | None, str, str]:
     return name, config, split, column
 
 
-def load_hub_split(spec: str, name: str, config: str | None, split: str, **kwargs):
-    """``datasets.load_dataset(name, config, split=split, **kwargs)``, its failures as one CorpusError."""
+def load_hub_split(spec: str, name: str, config: str | None, split: str, *, what: str = "corpus",
+                   instead: str | None = None, **kwargs):
+    """``datasets.load_dataset(name, config, split=split, **kwargs)``, its failures as one CorpusError
+    naming ``what`` the spec is and what to give ``instead`` (default: a corpus's accepted forms)."""
     from datasets import load_dataset
 
     try:
         return load_dataset(name, config, split=split, **kwargs)
     except Exception as err:  # offline, unknown name/config/split: one message for all
         raise CorpusError(
-            f"corpus {spec!r}: load_dataset({name!r}, {config!r}, split={split!r}) failed "
+            f"{what} {spec!r}: load_dataset({name!r}, {config!r}, split={split!r}) failed "
             f"({type(err).__name__}: {err}). Check the name, config and split, network access (or a "
-            f"warm datasets cache with HF_HUB_OFFLINE=1), or give {_accepted_forms()}."
+            f"warm datasets cache with HF_HUB_OFFLINE=1), or give {instead or _accepted_forms()}."
         ) from err
 
 

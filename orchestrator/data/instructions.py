@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .corpus import CorpusError
+from .corpus import CorpusError, load_hub_split
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -115,17 +115,9 @@ def parse_instruction_hub_spec(spec: str) -> tuple[str, str | None, str]:
 
 
 def _hub_rows(spec: str) -> list[dict[str, str]]:
-    from datasets import load_dataset
-
     name, config, split = parse_instruction_hub_spec(spec)
-    try:
-        data = load_dataset(name, config, split=split)
-    except Exception as err:  # offline, unknown name/config/split: one message for all
-        raise CorpusError(
-            f"instruction data {spec!r}: load_dataset({name!r}, {config!r}, split={split!r}) failed "
-            f"({type(err).__name__}: {err}). Check the name, config and split and network access (or a warm "
-            f"datasets cache with HF_HUB_OFFLINE=1), or give a local Alpaca JSONL file, or data: run."
-        ) from err
+    data = load_hub_split(spec, name, config, split, what="instruction data",
+                          instead="a local Alpaca JSONL file, or data: run")
     rows = [_row(value, f"{spec} row {index}") for index, value in enumerate(data)]
     if not rows:
         raise CorpusError(f"instruction data {spec!r} has no rows in split {split!r}; name another split.")

@@ -32,7 +32,7 @@ from actors.export import export_compact, load_pruned
 from actors.heldout import heldout_score
 from actors.models import load_model, load_tokenizer
 from search_spaces import Mask
-from tests.emulation import DeviceEmulation, device_of, emulate, mixes, tiny_twin
+from tests.emulation import DeviceEmulation, checkpoint_saver, device_of, emulate, mixes
 from tests.tiny import char_tokenizer, tiny_arch
 
 LAYERS = 4
@@ -76,16 +76,7 @@ def emulated_gpus(n: int = 2) -> Iterator[DeviceEmulation]:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Saved tiny checkpoints (safetensors + tokenizer): (family, tied) -> directory."""
-    root = tmp_path_factory.mktemp("checkpoints")
-
-    def save(family: str, tied: bool) -> str:
-        directory = root / f"{family}-{'tied' if tied else 'untied'}"
-        if not directory.is_dir():
-            tiny_twin(family, tied).save_pretrained(directory)
-            char_tokenizer().save_pretrained(directory)
-        return str(directory)
-
-    return save
+    return checkpoint_saver(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(autouse=True)

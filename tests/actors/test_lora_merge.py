@@ -19,8 +19,8 @@ from actors.lora_merge import check_targets, lora_targets, merge_adapter
 from actors.models import load_tokenizer
 from search_spaces import Mask
 from search_spaces.arch import UnsupportedArchitecture
-from tests.emulation import tiny_twin
-from tests.tiny import char_tokenizer, tiny_config
+from tests.emulation import checkpoint_saver
+from tests.tiny import tiny_config
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ATTENTION, MLP = set(ALL[:4]), set(ALL[4:])
@@ -33,16 +33,7 @@ NO_ATTENTION = Mask(attn_removed={0, 1, 2, 3}, mlp_width={1: 8})
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """Saved tiny checkpoints (safetensors + tokenizer): (family, tied) -> directory."""
-    root = tmp_path_factory.mktemp("checkpoints")
-
-    def save(family: str, tied: bool = False) -> str:
-        directory = root / f"{family}-{'tied' if tied else 'untied'}"
-        if not directory.is_dir():
-            tiny_twin(family, tied).save_pretrained(directory)
-            char_tokenizer().save_pretrained(directory)
-        return str(directory)
-
-    return save
+    return checkpoint_saver(tmp_path_factory.mktemp("checkpoints"))
 
 
 def adapt(model, targets=ALL, *, r: int = 4, seed: int = 0, dropout: float = 0.05) -> peft.PeftModel:
