@@ -44,6 +44,7 @@ RATIOS = (0.11, 0.22)
 COMMON = [f"data.calibration={{sequences: {SEQUENCES}, length: {LENGTH}, seed: 0}}", f"search.batch_size={BATCH}",
           "export=false", "search.kv_weight=once"]
 RACING = ["search.racing.windows=4", "search.racing.keep=3"]
+RACING_ROUNDS = ["search.racing.windows=[4,8,16]", "search.racing.keep=3"]
 EVOLUTION = ["search.method=evolution", "search.evolution.offspring=16", "search.evolution.first_windows=4",
              "search.evolution.survivors=2", "search.evolution.generations=60"]
 TPE = ["search.method=optuna", "search.sampler=tpe", "search.warm_start=blockpruner", "search.trials=64"]
@@ -70,6 +71,7 @@ def entries() -> list[Entry]:
             Entry("blockpruner", ratio, donor=low and f"blockpruner@{low}"),
             Entry("evolution", ratio, tuple(EVOLUTION), donor=f"blockpruner@{ratio}"),
             Entry("racing", ratio, tuple(RACING), donor=low and f"racing@{low}"),
+            Entry("racing rounds", ratio, tuple(RACING_ROUNDS), donor=low and f"racing rounds@{low}"),
             Entry("tpe", ratio, tuple(TPE), donor=f"blockpruner@{ratio}"),
             Entry("evolution+widths", ratio, (*EVOLUTION, "search.widths=true"), donor=f"blockpruner@{ratio}"),
             Entry("blockpruner kl", ratio, tuple(KL), donor=low and f"blockpruner kl@{low}"),
@@ -143,7 +145,8 @@ def write_table() -> None:
     lines = ["## Search quality: every method at about 11% and 22% (`bench/search_quality.py`)", "",
              f"SmolLM2-135M, configs/demo.yaml with {SEQUENCES} x {LENGTH} calibration tokens ({SEQUENCES * LENGTH:,}; "
              f"batch {BATCH}), held-out 16 x 256 tokens, {ACTORS} evaluator actors x 1 CPU, fp32, this machine "
-             "(2 cores). Racing: round 1 on 4 windows, the best 3 (and any within the margin) on all 32. TPE: 64 "
+             "(2 cores). Racing: round 1 on 4 windows, the best 3 (and any within the margin) on all 32; racing "
+             "rounds: the same cut after rounds on 4, 8 and 16 windows, each with its own margin. TPE: 64 "
              "trials, warm-started from BlockPruner's mask, proposals kept at or above its ratio. Evolution: 16 "
              "offspring per generation on 4 windows, the best 2 on all 32, 60 generations, from BlockPruner's "
              "mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "

@@ -144,9 +144,11 @@ class EvolutionConfig:
 class RacingConfig:
     """Racing for blockpruner and multipruner: every candidate on a few windows, the best on all."""
 
-    windows: int | None = None  # round 1 on this many calibration windows; None: no racing (exact steps)
-    keep: int = 3  # round 2: the best this many of round 1 ...
-    min_margin: float = 0.01  # ... and any within this much log-perplexity of them (or 3 x round 1's error spread)
+    # round 1 on this many calibration windows, or rounds on increasing counts, e.g. (4, 8, 16); then a last
+    # round on all windows. None: no racing (exact steps)
+    windows: int | tuple[int, ...] | None = None
+    keep: int = 3  # each later round: the best this many of the round before ...
+    min_margin: float = 0.01  # ... and any within this much log-perplexity of them (or 3 x that round's error spread)
     audit: bool = False  # also score every candidate on all windows and record where racing chose otherwise
 
 

@@ -180,6 +180,23 @@ def _order(value: Any, path: str) -> tuple[str, ...] | None:
     return tuple(str(p) for p in parts)
 
 
+def _racing_windows(value: Any, path: str) -> int | tuple[int, ...] | None:
+    """Racing's rounds before the last: ``4`` (one round on 4 windows), ``[4, 8, 16]`` or ``4,8,16``
+    (increasing window counts), or null (no racing)."""
+    if value is None or _is_int(value):
+        return _int(1, 4, optional=True)(value, path)
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        counts = tuple(int(p) for p in parts) if isinstance(parts, (list, tuple)) and parts else ()
+    except (TypeError, ValueError):
+        counts = ()
+    if (not counts or any(c < 1 for c in counts) or any(b <= a for a, b in zip(counts, counts[1:]))
+            or any(isinstance(p, (bool, float)) for p in parts)):
+        raise BadValue(f"is not a window count or a list of increasing ones; use e.g. {path}=4 (one round on 4 "
+                       f"windows, then all) or {path}=[4,8,16] (successive rounds), or {path}=null")
+    return counts[0] if len(counts) == 1 else counts
+
+
 def _optional_fraction(value: Any, path: str) -> float | None:
     return None if value is None else _fraction(value, path)
 
@@ -341,7 +358,7 @@ SCHEMA: Section = (Config, {
             "survivors": _int(1, 2),
         }),
         "racing": (RacingConfig, {
-            "windows": _int(1, 4, optional=True),
+            "windows": _racing_windows,
             "keep": _int(1, 3),
             "min_margin": _float(0.0, "0.01", strict=False),
             "audit": _bool,

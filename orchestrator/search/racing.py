@@ -1,27 +1,32 @@
 """Racing for the greedy methods (BlockPruner, MultiPruner's stages): most candidates on few windows.
 
 A greedy step scores every candidate on every calibration window and keeps one. Racing scores each
-step in two rounds, on the fidelity levels of :meth:`~orchestrator.scorer.Scorer.score_upto`:
+step in rounds, on the fidelity levels of :meth:`~orchestrator.scorer.Scorer.score_upto`: one round
+per entry of ``windows`` (window counts, increasing), then a last round on all windows.
 
-1. every candidate on the first ``windows`` calibration windows;
-2. on all windows, only the ``keep`` best of round 1 plus any whose round-1 log-perplexity lies
-   within ``margin`` of the ``keep``-th best. The margin is at least ``min_margin`` and otherwise
-   3 standard deviations of how far round 1 was off for the candidates that reached round 2 so far
-   (log full ppl - log round-1 ppl, centred per step: a shift shared by a step's candidates changes
-   no ranking).
+1. every candidate on the first ``windows[0]`` calibration windows;
+2. each later round scores only the entrants of the round before that made the cut: the ``keep``
+   best of it plus any whose log-perplexity lies within that round's ``margin`` of the ``keep``-th
+   best. A round's margin is at least ``min_margin`` and otherwise 3 standard deviations of how far
+   that round was off for the candidates that reached the last round so far (log full ppl - log
+   round ppl, centred per step: a shift shared by a step's candidates changes no ranking). A round
+   on more windows is off by less, so its margin is narrower: successive halving with cut-offs
+   measured, not fixed.
 
-The greedy searcher then decides on the full scores; a candidate that did not reach round 2 is
-told ``inf`` (it cannot be chosen). Round 2 reads round 1's windows from the cache, so a finalist
-forwards only the windows it lacks. With ``audit``, round 2 scores every candidate (the exact step)
-while racing still decides, and every step where the exact choice differs is recorded with what it
-cost. ``summary()`` (``search.json``) has the counts, the margins and the audit.
+``windows=4`` is one round on 4 windows before the last; ``windows=(4, 8, 16)`` three. A round
+reads the windows of the rounds before it from the cache, so a candidate forwards each window at
+most once. The greedy searcher then decides on the full scores; a candidate that did not reach the
+last round is told ``inf`` (it cannot be chosen). With ``audit``, the last round scores every
+candidate (the exact step) while racing still decides, and every step where the exact choice
+differs is recorded with what it cost. ``summary()`` (``search.json``) has the counts, the margins
+and the audit.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from search_spaces import Mask, rank_value
 
@@ -29,22 +34,30 @@ from .base import Proposal, Searcher, Step
 
 
 class RacingSearcher(Searcher):
-    """Wraps a greedy searcher (``inner``); its contract, with round 1 and round 2 of every step as
-    two proposals."""
+    """Wraps a greedy searcher (``inner``); its contract, with each round of every step as one proposal."""
 
-    def __init__(self, inner: Searcher, *, windows: int, keep: int = 3, min_margin: float = 0.01,
+    def __init__(self, inner: Searcher, *, windows: int | Sequence[int], keep: int = 3, min_margin: float = 0.01,
                  audit: bool = False) -> None:
-        if windows < 1 or keep < 1 or min_margin < 0:
-            raise ValueError(f"racing needs windows >= 1, keep >= 1 and min_margin >= 0; got {windows}, {keep}, "
-                             f"{min_margin}")
-        self.inner, self.windows, self.keep, self.min_margin, self.audit = inner, windows, keep, min_margin, audit
-        self.levels = (windows,)
+        rounds = (windows,) if isinstance(windows, int) else tuple(windows)
+        if (not rounds or any(w < 1 for w in rounds) or any(b <= a for a, b in zip(rounds, rounds[1:]))
+                or keep < 1 or min_margin < 0):
+            raise ValueError(f"racing needs windows >= 1 (or increasing window counts), keep >= 1 and "
+                             f"min_margin >= 0; got {windows}, {keep}, {min_margin}")
+        self.inner, self.keep, self.min_margin, self.audit = inner, keep, min_margin, audit
+        self.levels: tuple[int, ...] = rounds  # the window counts of the rounds before the last
         self._step: Proposal | None = None  # the inner searcher's proposal being raced
-        self._round = 0
-        self._low: dict[Mask, float] = {}
-        self._finalists: list[Mask] = []
-        self._errors: list[list[float]] = []  # per step: log full - log round 1 of its finalists
-        self.steps: list[dict[str, Any]] = []  # per step: candidates, finalists, margin (and audit)
+        self._round = 0  # index into levels; len(levels): the last round, on every window
+        self._scores: list[dict[Mask, float]] = []  # this step's scores, one dict per round so far
+        self._entrants: list[Mask] = []  # who runs in the pending round
+        self._counts: list[int] = []  # this step's entrants per round before the last
+        self._margins: list[float] = []  # this step's margin per cut
+        self._errors: list[list[list[float]]] = [[] for _ in rounds]  # per round, per step: log full - log round
+        self.steps: list[dict[str, Any]] = []  # per step: candidates, finalists, margins (and audit)
+
+    @property
+    def windows(self) -> int:
+        """The first round's window count."""
+        return self.levels[0]
 
     # ---- the inner searcher's state -------------------------------------------------------------------
     @property
@@ -68,30 +81,40 @@ class RacingSearcher(Searcher):
             step = self.inner.suggest()
             if step is None:
                 return None
-            self._step, self._round = step, 1
-            return Proposal(step.masks, step.base, f"{step.label} (racing: {self.windows} windows)",
-                            fidelity=self.windows, levels=self.levels, window_set=step.window_set)
-        masks = self._step.masks if self.audit else tuple(self._finalists)
-        return Proposal(masks, self._step.base, f"{self._step.label} (racing: finalists)", levels=self.levels,
-                        window_set=self._step.window_set)
+            self._step, self._round, self._entrants = step, 0, list(step.masks)
+            self._scores, self._counts, self._margins = [], [], []
+        step = self._step
+        if self._round < len(self.levels):
+            windows = self.levels[self._round]
+            return Proposal(tuple(self._entrants), step.base, f"{step.label} (racing: {windows} windows)",
+                            fidelity=windows, levels=self.levels, window_set=step.window_set)
+        masks = step.masks if self.audit else tuple(self._entrants)
+        return Proposal(masks, step.base, f"{step.label} (racing: finalists)", levels=self.levels,
+                        window_set=step.window_set)
 
     def observe(self, scores: Mapping[Mask, float]) -> None:
         if self._step is None:
             raise RuntimeError("observe() called without a pending suggest()")
-        if self._round == 1:
-            self._low = {m: scores[m] for m in self._step.masks}
-            self._finalists = self._select()
-            self._round = 2
+        if self._round < len(self.levels):
+            self._counts.append(len(self._entrants))
+            self._scores.append({m: scores[m] for m in self._entrants})
+            self._margins.append(self.margin(self._round))
+            self._entrants = self._select(self._scores[-1], self._margins[-1])
+            # a round that could cut no one is skipped: the last one reads its windows from the cache anyway
+            self._round = len(self.levels) if self._contenders(self._entrants) <= self.keep else self._round + 1
             return
         step, self._step = self._step, None
-        full = {m: scores[m] for m in (step.masks if self.audit else self._finalists)}
-        record: dict[str, Any] = {"label": step.label, "candidates": len(step.masks),
-                                  "finalists": len(self._finalists), "margin": self.margin()}
-        told = {m: full[m] if m in self._finalists else math.inf for m in step.masks}
-        errors = [math.log(full[m]) - math.log(self._low[m]) for m in self._finalists
-                  if math.isfinite(full[m]) and math.isfinite(self._low[m]) and full[m] > 0 and self._low[m] > 0]
-        if len(errors) >= 2:
-            self._errors.append(errors)
+        finalists = self._entrants
+        full = {m: scores[m] for m in (step.masks if self.audit else finalists)}
+        record: dict[str, Any] = {"label": step.label, "candidates": len(step.masks), "finalists": len(finalists),
+                                  "rounds": self._counts,
+                                  "margin": self._margins[0], "margins": self._margins}
+        told = {m: full[m] if m in finalists else math.inf for m in step.masks}
+        for r, low in enumerate(self._scores):
+            errors = [math.log(full[m]) - math.log(low[m]) for m in finalists
+                      if math.isfinite(full[m]) and math.isfinite(low[m]) and full[m] > 0 and low[m] > 0]
+            if len(errors) >= 2:
+                self._errors[r].append(errors)
         before = len(self.inner.path)
         self.inner.observe(told)
         if self.audit and len(self.inner.path) > before:
@@ -102,33 +125,36 @@ class RacingSearcher(Searcher):
                                      "racing_ppl": raced.ppl, "exact_ppl": full[exact]}
         self.steps.append(record)
 
-    # ---- round 2's entrants -------------------------------------------------------------------------
-    def margin(self) -> float:
-        """Round 1's allowance in log-perplexity: ``min_margin``, or 3 x the spread of round 1's
-        errors seen so far (centred per step), whichever is larger."""
-        centred = [e - statistics.fmean(step) for step in self._errors for e in step]
+    # ---- who goes on ----------------------------------------------------------------------------------
+    def margin(self, round: int = 0) -> float:
+        """Round ``round``'s allowance in log-perplexity: ``min_margin``, or 3 x the spread of that
+        round's errors seen so far (centred per step), whichever is larger."""
+        centred = [e - statistics.fmean(step) for step in self._errors[round] for e in step]
         spread = statistics.pstdev(centred) if len(centred) >= 2 else 0.0
         return max(self.min_margin, 3 * spread)
 
-    def _select(self) -> list[Mask]:
-        masks, base = list(self._step.masks), self._step.base
-        ranked = sorted((m for m in masks if m != base), key=lambda m: rank_value(self._low[m]))
+    def _contenders(self, masks: Sequence[Mask]) -> int:
+        return sum(m != self._step.base for m in masks)
+
+    def _select(self, low: Mapping[Mask, float], margin: float) -> list[Mask]:
+        masks, base = self._entrants, self._step.base
+        ranked = sorted((m for m in masks if m != base), key=lambda m: rank_value(low[m]))
         if not ranked:
             return masks
-        finalists = ranked[:self.keep]
-        kth = rank_value(self._low[finalists[-1]])
+        going = ranked[:self.keep]
+        kth = rank_value(low[going[-1]])
         if math.isfinite(kth) and kth > 0:
-            bound = math.log(kth) + self.margin()
-            finalists += [m for m in ranked[self.keep:] if 0 < self._low[m] and math.isfinite(self._low[m])
-                          and math.log(self._low[m]) <= bound]
+            bound = math.log(kth) + margin
+            going += [m for m in ranked[self.keep:] if 0 < low[m] and math.isfinite(low[m])
+                      and math.log(low[m]) <= bound]
         if base in masks:  # the starting model's own score (the dense ppl) is always needed
-            finalists.append(base)
-        return [m for m in masks if m in finalists]  # proposal order
+            going.append(base)
+        return [m for m in masks if m in going]  # proposal order
 
     def summary(self) -> dict[str, Any] | None:
         inner = self.inner.summary() or {}
         changed = [s for s in self.steps if "changed" in s]
-        return {**inner, "racing": {"windows": self.windows, "keep": self.keep, "min_margin": self.min_margin,
+        return {**inner, "racing": {"windows": list(self.levels), "keep": self.keep, "min_margin": self.min_margin,
                                     "audit": self.audit, "steps": self.steps,
                                     "candidates": sum(s["candidates"] for s in self.steps),
                                     "finalists": sum(s["finalists"] for s in self.steps),

@@ -276,3 +276,18 @@ def test_the_resolved_config_keeps_auto(write, tmp_path):
     text = again.read_text()
     assert "gpus_per_actor: auto" in text and "gpu_memory_gb: auto" in text
     assert load_config(again).cluster == config.cluster
+
+
+@pytest.mark.parametrize("value, expected", [("4", 4), ("[4, 8, 16]", (4, 8, 16)), ("4,8", (4, 8)), ("[2]", 2),
+                                             ("null", None)])
+def test_racing_takes_one_round_or_increasing_rounds(write, tmp_path, value, expected):
+    config = load_config(write(GOOD), [f"search.racing.windows={value}"], check_model=fake_models)
+    assert config.search.racing.windows == expected
+    path = dump_yaml(config, tmp_path / "runs" / "demo" / "config.yaml")
+    assert load_config(path, check_model=fake_models) == config  # the resolved config reads back the same
+
+
+@pytest.mark.parametrize("value", ["[8, 4]", "[4, 4]", "[0, 4]", "[]", "[4, x]", "[4.5, 8]", "true", "four"])
+def test_bad_racing_windows_get_one_clear_error(write, value):
+    with pytest.raises(ConfigError, match=r"search.racing.windows .* use e.g. search.racing.windows=4"):
+        load_config(write(GOOD), [f"search.racing.windows={value}"], check_model=fake_models)

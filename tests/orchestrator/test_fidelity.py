@@ -49,6 +49,21 @@ def test_a_prefix_then_all_windows_forwards_each_window_once_and_adds_up(tmp_pat
     assert len(forwarded(pool)) == len(windows)
 
 
+def test_racing_rounds_on_growing_prefixes_forward_each_window_once(tmp_path):
+    """Racing with windows=(2, 4, 8): a shrinking field on each longer prefix, then all windows."""
+    pool = FakePool(2, windows=12)
+    scorer = fake_scorer(tmp_path, pool)
+    cuts, field = (2, 4, 8), list(MASKS)
+    for upto in (*cuts, None):
+        scores = scorer.score_upto(field, Mask(), "calibration", upto, cuts, f"round {upto}")
+        assert scores == {m: pytest.approx(exact(m, upto or 12), rel=1e-12) for m in field}
+        field = field[:-1] or field  # one fewer each round
+    windows = forwarded(pool)
+    assert len(windows) == len(set(windows))  # no (mask, window) twice
+    assert sorted(i for m, i in windows if m == MASKS[0].to_json()) == list(range(12))
+    assert max(i for m, i in windows if m == MASKS[2].to_json()) == 1  # cut after round 1: windows 0 and 1 only
+
+
 def test_segments_never_stand_for_each_other_or_for_the_whole_set(tmp_path):
     pool = FakePool(1, windows=12)
     scorer = fake_scorer(tmp_path, pool)

@@ -84,3 +84,57 @@ def test_failed_candidates_and_bad_settings():
         RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=0)
     with pytest.raises(RuntimeError):
         RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=2).observe({})
+
+
+FULL = 32  # calibration windows of the rounds test
+DEEP = 0.5  # ten steps: enough for every round's error spread to be measured
+
+
+def by_windows(mask: Mask, windows: int | None) -> float:
+    """A score on the first ``windows`` windows: the full score off by a mask-dependent amount that
+    shrinks as the windows grow (the error of a mean over fewer windows), none on every window."""
+    if windows is None or windows >= FULL:
+        return trap(mask)
+    scale = 0.02 * math.sqrt(1 / windows - 1 / FULL)
+    return trap(mask) * math.exp(scale * math.sin(7 * len(mask.to_json()) + 3 * sum(mask.attn_removed)))
+
+
+def test_rounds_on_more_windows_cut_the_field_and_forward_each_window_once():
+    exact = BlockPrunerSearcher(ARCH, DEEP)
+    exact_rounds = drive(exact, trap, trap)
+    rounds = RacingSearcher(BlockPrunerSearcher(ARCH, DEEP), windows=(2, 4, 8, 16), keep=2, min_margin=0.001)
+    forwarded = one = 0  # window-candidates computed: every candidate reads a round's earlier windows from cache
+    seen: dict[Mask, int] = {}  # windows a candidate has been scored on so far this step
+    while (proposal := rounds.suggest()) is not None:
+        assert proposal.levels == (2, 4, 8, 16)
+        windows = proposal.fidelity or FULL
+        if proposal.fidelity == 2:
+            seen, one = {}, one + len(proposal.masks)
+        assert all(seen.get(m, 0) < windows for m in proposal.masks)  # never the same fidelity twice
+        assert set(proposal.masks) <= set(seen) or proposal.fidelity == 2  # later rounds: entrants of the last
+        forwarded += sum(windows - seen.get(m, 0) for m in proposal.masks)
+        seen.update({m: windows for m in proposal.masks})
+        rounds.observe({m: by_windows(m, proposal.fidelity) for m in proposal.masks})
+    assert [s.to_dict() for s in rounds.path] == [s.to_dict() for s in exact.path]
+    assert one == len(exact_rounds["full"])  # every candidate once on the first round ...
+    assert forwarded < FULL * one / 3  # ... and a third of the exact steps' windows in all
+    assert all(s["rounds"] == sorted(s["rounds"], reverse=True) for s in rounds.steps)  # the field only shrinks
+    assert max(len(s["rounds"]) for s in rounds.steps) == 4  # some steps needed every round
+    margins = [rounds.margin(r) for r in range(4)]
+    assert margins == sorted(margins, reverse=True) and margins[3] < margins[0] / 2  # more windows: narrower cuts
+
+
+def test_a_round_that_could_cut_no_one_is_skipped():
+    racing = RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=(2, 4, 8), keep=100)
+    fidelities = []
+    while (proposal := racing.suggest()) is not None:
+        fidelities.append(proposal.fidelity)
+        racing.observe({m: by_windows(m, proposal.fidelity) for m in proposal.masks})
+    assert set(fidelities) == {2, None}  # everyone makes the cut of round 1: straight to every window
+    assert all(s["rounds"] == [s["candidates"]] for s in racing.steps)
+
+
+@pytest.mark.parametrize("windows", [(4, 4), (8, 4), (), (0, 2)])
+def test_rounds_must_grow(windows):
+    with pytest.raises(ValueError, match="increasing window counts"):
+        RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=windows)

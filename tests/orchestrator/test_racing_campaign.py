@@ -53,3 +53,20 @@ def test_racing_on_real_actors_keeps_the_path_or_names_the_change_and_forwards_n
     assert len(heldout_fp) == 1
     fp = heldout_fp.pop()
     assert calibration_tokens(raced.run_dir, fp) <= calibration_tokens(exact.run_dir, fp)
+
+
+def test_racing_in_rounds_on_real_actors_decides_on_full_scores(ray_session, setup):
+    exact = Campaign(tiny_campaign_config(setup, "exact", **DATA), progress=False).run()  # the first test's: replayed
+    rounds = Campaign(tiny_campaign_config(setup, "rounds", **DATA, **{"search.racing.windows": "[2, 4]",
+                                                                       "search.racing.keep": 1}),
+                      progress=False).run()
+    exact_first = json.loads((exact.run_dir / "path.json").read_text())["steps"][0]
+    race = json.loads((rounds.run_dir / "search.json").read_text())["racing"]
+    assert race["windows"] == [2, 4] and all(1 <= len(s["rounds"]) <= 2 for s in race["steps"])
+    assert all(s["rounds"][0] == s["candidates"] for s in race["steps"])  # every candidate in round 1
+    path = json.loads((rounds.run_dir / "path.json").read_text())["steps"]
+    if (path[0]["kind"], path[0]["layer"]) == (exact_first["kind"], exact_first["layer"]):
+        assert path[0]["ppl"] == pytest.approx(exact_first["ppl"], rel=1e-9)  # decided on all windows' score
+    fp = {r["calibration_fp"] for r in EvalCache(exact.run_dir / "evals", flush_every=None).rows()
+          if r["tokens"] == 3 * 31}.pop()
+    assert calibration_tokens(rounds.run_dir, fp) <= calibration_tokens(exact.run_dir, fp)

@@ -38,12 +38,13 @@ SETTINGS = {
     "evolution-widths": {"seed": 3, "widths": True, "mlp_group": 16,
                          "evolution": EvolutionConfig(offspring=4, generations=6, first_windows=2)},
     "blockpruner-racing": {"racing": RacingConfig(windows=2, keep=2)},
+    "blockpruner-racing-rounds": {"racing": RacingConfig(windows=(1, 2, 4), keep=1)},
     "multipruner-racing": {"split": (0.4, 0.5, 0.1), "mlp_group": 16, "head_group": 1,
                            "racing": RacingConfig(windows=2, keep=1, audit=True)},
 }
 COSTS = BlockCosts(fixed=0.2, attn=0.1, mlp=0.25)  # SPRINT's latency table (seconds per block)
 METHODS = ("blockpruner", "multipruner", "optuna", "optuna-nsga2", "sprint", "evolution", "evolution-widths",
-           "blockpruner-racing", "multipruner-racing")
+           "blockpruner-racing", "blockpruner-racing-rounds", "multipruner-racing")
 
 
 def test_every_implemented_method_is_in_the_contract():
