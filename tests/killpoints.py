@@ -6,7 +6,9 @@ The process ends with ``os._exit(137)`` (no ``finally``, no flush, as a SIGKILL 
 - ``compaction``: after the merged part is written, before the merged parts are deleted;
 - ``path.json`` / ``pruning_config.json``: just before that file is written;
 - ``export``: as the compact model's export starts;
-- ``mirror``: in the middle of the URI mirror (after its first uploaded file).
+- ``mirror``: in the middle of the URI mirror (after its first uploaded file);
+- ``generation``: in the middle of an evolution's second generation (its offspring scored on the
+  first windows and cached, its survivors not yet on every window).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 POINTS = ("flush", "compaction", "path.json", "pruning_config.json", "export", "mirror")
+SEARCH_POINTS = ("generation",)  # not on every campaign's route: tested by the searches they belong to
 
 
 def die() -> None:
@@ -29,8 +32,8 @@ def install(point: str) -> None:
     import orchestrator.files
     import orchestrator.storage
 
-    if point not in POINTS:
-        raise SystemExit(f"unknown kill point {point!r}; use one of {', '.join(POINTS)}")
+    if point not in POINTS + SEARCH_POINTS:
+        raise SystemExit(f"unknown kill point {point!r}; use one of {', '.join(POINTS + SEARCH_POINTS)}")
     calls = {"n": 0}
     write_via, remove, copy = orchestrator.files.write_via, orchestrator.files.remove, orchestrator.storage._copy
 
@@ -67,6 +70,17 @@ def install(point: str) -> None:
     orchestrator.storage._copy = killing_copy
     if point == "export":
         actors.export.export_compact = killing_export
+    if point == "generation":
+        from orchestrator.search.evolution import EvolutionSearcher
+
+        observe = EvolutionSearcher.observe
+
+        def killing_observe(self, scores):
+            if self.generation == 1 and self._stage == "low":  # generation 2's offspring, on few windows
+                die()
+            return observe(self, scores)
+
+        EvolutionSearcher.observe = killing_observe
 
 
 if __name__ == "__main__":

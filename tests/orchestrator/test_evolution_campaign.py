@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from orchestrator.cache import EvalCache
 from orchestrator.campaign import Campaign
 from search_spaces import Mask, param_count
+from tests.orchestrator.test_faults import _reap_session
 from tests.orchestrator.test_optuna_campaign import counting, evaluated, masks_of
-from tests.tiny import tiny_arch, tiny_campaign_config, tiny_run_setup
+from tests.tiny import tiny_arch, tiny_campaign_config, tiny_overrides, tiny_run_setup
 
 pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +91,45 @@ def test_evolution_with_widths_scores_narrowed_layers_on_the_actors_and_exports_
     assert "moves of one width level between two layers" in (result.run_dir / "report.md").read_text()
     exported = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert exported["num_hidden_layers"] == arch.num_layers  # layers narrowed or emptied, exported compact
+
+
+@pytest.mark.slow
+def test_a_campaign_killed_mid_generation_resumes_to_the_same_result(ray_session, setup, tmp_path):
+    """A real ``rayprune run`` driver dies (``os._exit``, as SIGKILL) in generation 2, after its
+    offspring were scored on the first windows and cached; the rerun ends where an uninterrupted
+    campaign ends and forwards nothing the killed one had computed."""
+    settings = {"search.method": "evolution", "search.target_ratio": 0.3, "search.evolution.offspring": 4,
+                "search.evolution.generations": 3, "search.evolution.first_windows": 4,
+                "search.evolution.survivors": 1, "search.seed": 5,
+                "data.calibration": "{sequences: 8, length: 24, seed: 0}", "export": "false"}
+    reference = Campaign(tiny_campaign_config(setup, "evolution-reference", **settings), progress=False).run()
+
+    name = "evolution-killed"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(f"# rayprune run {config.name} (killed by test_evolution_campaign.py)\nname: {name}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "tests.killpoints", "generation", "run", "--no-progress",
+                             str(config), *tiny_overrides(setup, name, **settings)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        _reap_session(proc.pid)  # the killed driver's private Ray session
+    assert proc.returncode == 137, out[-3000:]
+    run_dir = setup["root"] / name
+    assert not (run_dir / "path.json").exists() and not (run_dir / "search.json").exists()
+    cached = {r["key"] for r in EvalCache(run_dir / "evals", flush_every=None).rows() if r["status"] == "ok"}
+    assert cached
+
+    resumed = Campaign(tiny_campaign_config(setup, name, **settings), progress=False).run()
+    assert resumed.counters.evaluated > 0  # generation 2 goes on
+    assert resumed.counters.evaluated + len(cached) == reference.counters.evaluated  # nothing forwarded twice
+    assert resumed.searcher.current == reference.searcher.current
+    assert resumed.searcher.history == reference.searcher.history
+    ours, theirs = (json.loads((r.run_dir / "search.json").read_text()) for r in (resumed, reference))
+    assert ours == theirs
+    steps = [[(s["kind"], s["layer"], s["ppl"]) for s in json.loads((r.run_dir / "path.json").read_text())["steps"]]
+             for r in (resumed, reference)]
+    assert steps[0] == steps[1]
