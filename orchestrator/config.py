@@ -132,11 +132,13 @@ class SprintConfig:
 class EvolutionConfig:
     """Evolutionary search on blocks (``search.method: evolution``), warm-started from BlockPruner's mask."""
 
-    offspring: int = 16  # mutations of the parent scored per generation (EvoPress: 32)
+    offspring: int = 32  # mutations of the parent scored per generation (EvoPress's)
     generations: int | None = None  # None: EvoPress's k (n - k) / 1.5 per kind (k of n blocks removed)
     max_swaps: int = 3  # swaps per mutation: min(U[1, s], U[1, s])
     max_evaluations: int | None = None  # stop once this many offspring were scored (None: no cap)
-    first_windows: int | None = None  # two-step selection: every offspring on this many calibration windows first ...
+    # two-step selection: every offspring on this many calibration windows first ...; auto: EvoPress's share
+    # (1/64 of the windows, at least one batch); None: one step on every window
+    first_windows: int | str | None = "auto"
     survivors: int = 2  # ... and only this many best of them on all windows (None above: one step, all windows)
 
 

@@ -180,6 +180,16 @@ def _order(value: Any, path: str) -> tuple[str, ...] | None:
     return tuple(str(p) for p in parts)
 
 
+def _auto_or_windows(value: Any, path: str) -> int | str | None:
+    """A window count, ``auto`` or null."""
+    if value == "auto":
+        return value
+    try:
+        return _int(1, 4, optional=True)(value, path)
+    except BadValue:
+        raise BadValue(f"is not a positive integer, auto or null; use e.g. {path}=4 or {path}=auto") from None
+
+
 def _racing_windows(value: Any, path: str) -> int | tuple[int, ...] | None:
     """Racing's rounds before the last: ``4`` (one round on 4 windows), ``[4, 8, 16]`` or ``4,8,16``
     (increasing window counts), or null (no racing)."""
@@ -354,7 +364,7 @@ SCHEMA: Section = (Config, {
             "generations": _int(1, 100, optional=True),
             "max_swaps": _int(1, 3),
             "max_evaluations": _int(1, 1000, optional=True),
-            "first_windows": _int(1, 4, optional=True),
+            "first_windows": _auto_or_windows,
             "survivors": _int(1, 2),
         }),
         "racing": (RacingConfig, {

@@ -57,7 +57,8 @@ class PerplexityRun:
                              pool_size=len(self.scorer.dispatcher.actors),
                              known=self.scorer.known(self.window_set, self.fitness),
                              hf_config=read_model_config(self.config.model),
-                             width_windows=WIDTH_WINDOWS if WIDTH_WINDOWS in self.scorer.fingerprints else None)
+                             width_windows=WIDTH_WINDOWS if WIDTH_WINDOWS in self.scorer.fingerprints else None,
+                             calibration_windows=self.scorer.window_shapes.get(self.window_set, (None,))[0])
 
     def answer(self, searcher: Searcher, proposal: Proposal) -> None:
         window_set = proposal.window_set or self.window_set  # MultiPruner's width stages: their own rows

@@ -19,6 +19,19 @@ from .mask import Mask
 #: The repository's settings (scripts/run_drop_search.sh), for 131,072 calibration tokens.
 EVOPRESS_OFFSPRING = 32
 EVOPRESS_MAX_SWAPS = 3
+EVOPRESS_CALIBRATION_TOKENS = 131_072
+EVOPRESS_FIRST_TOKENS = 2_048  # selection's first step: every offspring on this many tokens
+
+
+def default_first_windows(n_windows: int, batch_size: int = 1) -> int | None:
+    """EvoPress's first selection step scaled to a calibration set of ``n_windows`` windows: the same
+    share of it (2,048 of 131,072 tokens, 1/64), at least one batch. None where that is the whole
+    set (one step on every window)."""
+    if n_windows < 1 or batch_size < 1:
+        raise ValueError(f"need n_windows >= 1 and batch_size >= 1; got {n_windows}, {batch_size}")
+    share = -(-n_windows * EVOPRESS_FIRST_TOKENS // EVOPRESS_CALIBRATION_TOKENS)  # ceil
+    first = -(-share // batch_size) * batch_size  # whole batches, as the scorer cuts its levels
+    return first if first < n_windows else None
 
 
 def swappable(mask: Mask, num_layers: int) -> list[str]:

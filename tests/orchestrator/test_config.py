@@ -291,3 +291,12 @@ def test_racing_takes_one_round_or_increasing_rounds(write, tmp_path, value, exp
 def test_bad_racing_windows_get_one_clear_error(write, value):
     with pytest.raises(ConfigError, match=r"search.racing.windows .* use e.g. search.racing.windows=4"):
         load_config(write(GOOD), [f"search.racing.windows={value}"], check_model=fake_models)
+
+
+def test_evolution_first_windows_is_auto_a_count_or_null(write):
+    assert load_config(write(GOOD), check_model=fake_models).search.evolution.first_windows == "auto"
+    for value, expected in (("4", 4), ("null", None), ("auto", "auto")):
+        config = load_config(write(GOOD), [f"search.evolution.first_windows={value}"], check_model=fake_models)
+        assert config.search.evolution.first_windows == expected
+    with pytest.raises(ConfigError, match="search.evolution.first_windows 0 is not a positive integer, auto or null"):
+        load_config(write(GOOD), ["search.evolution.first_windows=0"], check_model=fake_models)

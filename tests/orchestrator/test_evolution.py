@@ -122,3 +122,14 @@ def test_max_evaluations_stops_the_search():
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="offspring, max_swaps, survivors, generations, max_evaluations and first_windows must be >= 1"):
         EvolutionSearcher(ARCH, TARGET, offspring=0)
+
+
+def test_auto_first_windows_is_evopress_share_of_the_campaign_windows():
+    from orchestrator.config import SearchConfig
+    from orchestrator.search import make_searcher
+
+    search = SearchConfig(method="evolution", target_ratio=TARGET, batch_size=2)
+    assert search.evolution.first_windows == "auto" and search.evolution.offspring == 32  # EvoPress's defaults
+    assert make_searcher(search, ARCH, calibration_windows=256).first_windows == 4  # 1/64, whole batches
+    assert make_searcher(search, ARCH, calibration_windows=2).first_windows is None  # one batch: one step
+    assert make_searcher(search, ARCH).first_windows is None  # the windows unknown: one step on all of them

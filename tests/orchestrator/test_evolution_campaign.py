@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
 def test_evolution_campaign_writes_its_search_and_replays_from_the_cache(ray_session, setup, tmp_path):
     config = tiny_campaign_config(setup, "evolution", **{
         "search.method": "evolution", "search.target_ratio": 0.3, "search.evolution.offspring": 4,
-        "search.evolution.generations": 3, "search.seed": 2})
+        "search.evolution.generations": 3, "search.evolution.first_windows": "null", "search.seed": 2})
     result = Campaign(config, progress=False, evaluator_cls=counting(tmp_path)).run()
     lines = evaluated(tmp_path)
     assert len(lines) == len(set(lines)) and len(masks_of(lines)) == result.counters.evaluated

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from search_spaces import Arch, Mask, param_count
-from search_spaces.evolution import default_generations, mutate, swap, swappable
+from search_spaces.evolution import default_first_windows, default_generations, mutate, swap, swappable
 
 ARCH = Arch(family="llama", num_layers=8, hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
             head_dim=16, vocab_size=100, tie_embeddings=False)
@@ -59,3 +59,18 @@ def test_the_same_seed_draws_the_same_offspring():
 def test_default_generations_is_evopress_budget():
     assert default_generations(PARENT, 8) == round((3 * 5 + 1 * 7) / 1.5)
     assert default_generations(Mask(attn_removed={0}), 8) == round(7 / 1.5)
+
+
+@pytest.mark.parametrize("windows, batch, first", [
+    (32, 1, 1),  # EvoPress's own set, 32 x 4096 tokens: 2,048 tokens round up to one window
+    (64, 1, 1), (128, 1, 2), (640, 1, 10), (641, 1, 11),  # 1/64 of the windows, rounded up
+    (128, 4, 4), (32, 2, 2),  # at least one whole batch, as the scorer cuts its levels
+    (2, 2, None), (1, 1, None), (4, 4, None),  # one batch is the whole set: one step on every window
+])
+def test_the_first_selection_step_is_evopress_share_of_the_windows(windows, batch, first):
+    assert default_first_windows(windows, batch) == first
+
+
+def test_the_first_selection_step_needs_windows():
+    with pytest.raises(ValueError, match="n_windows >= 1"):
+        default_first_windows(0)
