@@ -136,6 +136,7 @@ class EvolutionConfig:
     generations: int | None = None  # None: EvoPress's k (n - k) / 1.5 per kind (k of n blocks removed)
     max_swaps: int = 3  # swaps per mutation: min(U[1, s], U[1, s])
     max_evaluations: int | None = None  # stop once this many offspring were scored (None: no cap)
+    max_tokens: int | None = None  # stop once the generations' scores cover this many calibration tokens
     # two-step selection: every offspring on this many calibration windows first ...; auto: EvoPress's share
     # (1/64 of the windows, at least one batch); None: one step on every window
     first_windows: int | str | None = "auto"

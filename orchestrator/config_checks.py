@@ -364,6 +364,7 @@ SCHEMA: Section = (Config, {
             "generations": _int(1, 100, optional=True),
             "max_swaps": _int(1, 3),
             "max_evaluations": _int(1, 1000, optional=True),
+            "max_tokens": _int(1, 1000000, optional=True),
             "first_windows": _auto_or_windows,
             "survivors": _int(1, 2),
         }),

@@ -58,7 +58,12 @@ class PerplexityRun:
                              known=self.scorer.known(self.window_set, self.fitness),
                              hf_config=read_model_config(self.config.model),
                              width_windows=WIDTH_WINDOWS if WIDTH_WINDOWS in self.scorer.fingerprints else None,
-                             calibration_windows=self.scorer.window_shapes.get(self.window_set, (None,))[0])
+                             calibration=self._calibration())
+
+    def _calibration(self) -> tuple[int, int] | None:
+        """The calibration set's (windows, tokens predicted per window), as the scorer counts them."""
+        shape = self.scorer.window_shapes.get(self.window_set)
+        return (shape[0], shape[1] - 1) if shape else None
 
     def answer(self, searcher: Searcher, proposal: Proposal) -> None:
         window_set = proposal.window_set or self.window_set  # MultiPruner's width stages: their own rows

@@ -40,11 +40,11 @@ def searcher_class(method: str) -> type[Searcher]:
 def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
                   known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None,
                   hf_config: Mapping[str, Any] | None = None, width_windows: str | None = None,
-                  calibration_windows: int | None = None) -> Searcher:
+                  calibration: tuple[int, int] | None = None) -> Searcher:
     """The searcher a config asks for, wrapped in racing (``search.racing.windows``) for the greedy methods."""
     searcher = _make_searcher(search, arch, run_dir=run_dir, pool_size=pool_size, known=known, costs=costs,
                               hf_config=hf_config, width_windows=width_windows,
-                              calibration_windows=calibration_windows)
+                              calibration=calibration)
     racing = search.racing
     if racing.windows is None:
         return searcher
@@ -60,7 +60,7 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
 def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,
                    known: Mapping[Mask, float] | None = None, costs: BlockCosts | None = None,
                    hf_config: Mapping[str, Any] | None = None, width_windows: str | None = None,
-                   calibration_windows: int | None = None) -> Searcher:
+                   calibration: tuple[int, int] | None = None) -> Searcher:
     """The searcher a config asks for (the config has already checked the method name).
 
     ``run_dir`` holds a searcher's own state (Optuna's study journal; None: in memory),
@@ -69,8 +69,9 @@ def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = N
     latency that an evaluator measured (SPRINT ranks by it; the other methods ignore it),
     ``hf_config`` the model's ``config.json`` (it tells MultiPruner's Llama-3.1 recipe from Llama-3's),
     ``width_windows`` the calibration set of MultiPruner's width stages (None: the run's calibration),
-    ``calibration_windows`` the number of calibration windows (evolution's ``first_windows: auto``
-    scales to it; None: one selection step on every window).
+    ``calibration`` the calibration set's (windows, tokens predicted per window): evolution's
+    ``first_windows: auto`` scales to it and ``max_tokens`` counts in it (None: unknown; one
+    selection step on every window, and no token budget).
     """
     if search.method == "blockpruner":
         return BlockPrunerSearcher(arch, search.target_ratio, search.max_steps)
@@ -107,20 +108,26 @@ def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = N
         e = search.evolution
         return EvolutionSearcher(arch, search.target_ratio, offspring=e.offspring, generations=e.generations,
                                  max_swaps=e.max_swaps, seed=search.seed, max_evaluations=e.max_evaluations,
-                                 first_windows=first_windows(e.first_windows, calibration_windows, search.batch_size),
-                                 survivors=e.survivors, widths=search.widths,
+                                 first_windows=first_windows(e.first_windows, calibration, search.batch_size),
+                                 survivors=e.survivors, widths=search.widths, max_tokens=e.max_tokens,
+                                 calibration=calibration,
                                  mlp_group=search.mlp_group or grid_group(arch),
                                  head_group=search.head_group or 1, known=known)
     raise ValueError(f"search.method {search.method!r} has no searcher")
 
 
-def first_windows(setting: int | str | None, calibration_windows: int | None, batch_size: int) -> int | None:
-    """Evolution's ``first_windows``: ``auto`` is EvoPress's share of the calibration windows."""
-    if setting != "auto":
-        return setting  # type: ignore[return-value]
-    from search_spaces.evolution import default_first_windows
+def first_windows(setting: int | str | None, calibration: tuple[int, int] | None, batch_size: int) -> int | None:
+    """Evolution's first selection step in windows, as the scorer cuts it (whole batches; None: one
+    step on every window). ``auto`` is EvoPress's share of the calibration windows."""
+    if setting is None or calibration is None:
+        return None if setting in (None, "auto") else setting  # type: ignore[return-value]
+    windows = calibration[0]
+    if setting == "auto":
+        from search_spaces.evolution import default_first_windows
 
-    return default_first_windows(calibration_windows, batch_size) if calibration_windows else None
+        return default_first_windows(windows, batch_size)
+    first = -(-int(setting) // batch_size) * batch_size
+    return first if first < windows else None
 
 
 __all__ = ["BlockPrunerSearcher", "GreedySearcher", "MultiPrunerSearcher", "Proposal", "Searcher", "Step",

@@ -11,8 +11,9 @@ The search runs in two phases inside one campaign:
    calibration perplexity; NaN ranks last) is the next parent.
 
 It stops after ``generations`` (default EvoPress's ``k (n - k) / 1.5``, see
-:func:`~search_spaces.evolution.default_generations`) or once ``max_evaluations`` offspring were
-scored. The offspring are drawn from a seeded generator whatever the scores, and a mask already
+:func:`~search_spaces.evolution.default_generations`), once ``max_evaluations`` offspring were
+scored, or once the generations' scores cover ``max_tokens`` calibration tokens (every offspring on
+the windows of its first step, every survivor on the rest; a generation that started finishes). The offspring are drawn from a seeded generator whatever the scores, and a mask already
 scored (the cache, an earlier generation) is answered from memory and not proposed again, so a
 campaign stopped mid-generation replays to the same result from its cache.
 
@@ -65,13 +66,17 @@ class EvolutionSearcher(Searcher):
     def __init__(self, arch: Arch, target_ratio: float, *, offspring: int = 16, generations: int | None = None,
                  max_swaps: int = EVOPRESS_MAX_SWAPS, seed: int = 0, max_evaluations: int | None = None,
                  first_windows: int | None = None, survivors: int = 2, widths: bool = False,
-                 mlp_group: int | None = None, head_group: int = 1,
+                 mlp_group: int | None = None, head_group: int = 1, max_tokens: int | None = None,
+                 calibration: tuple[int, int] | None = None,
                  known: Mapping[Mask, float] | None = None) -> None:
         if offspring < 1 or max_swaps < 1 or survivors < 1 or any(v is not None and v < 1 for v in (
-                generations, max_evaluations, first_windows)):
-            raise ValueError(f"offspring, max_swaps, survivors, generations, max_evaluations and first_windows must "
-                             f"be >= 1; got {offspring}, {max_swaps}, {survivors}, {generations}, {max_evaluations}, "
-                             f"{first_windows}")
+                generations, max_evaluations, first_windows, max_tokens)):
+            raise ValueError(f"offspring, max_swaps, survivors, generations, max_evaluations, first_windows and "
+                             f"max_tokens must be >= 1; got {offspring}, {max_swaps}, {survivors}, {generations}, "
+                             f"{max_evaluations}, {first_windows}, {max_tokens}")
+        if max_tokens is not None and calibration is None:
+            raise ValueError("max_tokens needs the calibration set's shape (windows, tokens per window) to count "
+                             "the tokens of each score")
         self.arch, self.target_ratio = arch, target_ratio
         self.space: MaskSpace | None = None
         if widths:
@@ -80,7 +85,9 @@ class EvolutionSearcher(Searcher):
                 raise ValueError("; ".join(problems))
         self.min_removed = 0  # offspring remove at least this many parameters (widths; set from the greedy mask)
         self.offspring, self.max_swaps, self.seed = offspring, max_swaps, seed
-        self.generations, self.max_evaluations = generations, max_evaluations
+        self.generations, self.max_evaluations, self.max_tokens = generations, max_evaluations, max_tokens
+        self.calibration = calibration  # (windows, tokens predicted per window): counts the tokens of each score
+        self.tokens = 0  # calibration tokens the generations' scores cover (cached or not, as evaluations)
         self.first_windows, self.survivors = first_windows, survivors
         self.levels: tuple[int, ...] = (first_windows,) if first_windows else ()
         self.path: list[Step] = []
@@ -158,7 +165,20 @@ class EvolutionSearcher(Searcher):
     def _done(self) -> bool:
         if self.generation >= (self.generations or 0):
             return True
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            return True
         return self.max_evaluations is not None and self.evaluations >= self.max_evaluations
+
+    def _count_tokens(self) -> None:
+        """Add the tokens of the stage just scored: every entrant on the windows that stage adds."""
+        if self.calibration is None:
+            return
+        windows, per_window = self.calibration
+        first = min(self.first_windows or windows, windows)
+        if self._stage == "low":
+            self.tokens += len(self._children) * first * per_window
+        else:
+            self.tokens += len(self._finalists) * (windows - first if self.first_windows else windows) * per_window
 
     def _draw(self) -> list[Mask]:
         """This generation's distinct offspring (drawn from the seeded generator, whatever was scored)."""
@@ -185,6 +205,7 @@ class EvolutionSearcher(Searcher):
         return Proposal(missing, base=self.parent, label=label, levels=self.levels) if missing else None
 
     def _advance(self) -> None:
+        self._count_tokens()
         if self._stage == "low":  # the best few on few windows go on to every window
             self._finalists = sorted(self._children, key=lambda m: rank_value(self._low[m]))[:self.survivors]
             self._stage = "full"
@@ -219,6 +240,8 @@ class EvolutionSearcher(Searcher):
             return None
         return {"method": "evolution", "widths": self.space is not None, "offspring": self.offspring, "max_swaps": self.max_swaps, "seed": self.seed,
                 "first_windows": self.first_windows, "survivors": self.survivors if self.first_windows else None,
-                "generations": self.generation, "evaluations": self.evaluations, "greedy_ppl": self.greedy_ppl,
+                "generations": self.generation, "evaluations": self.evaluations,
+                "tokens": self.tokens if self.calibration else None, "max_tokens": self.max_tokens,
+                "greedy_ppl": self.greedy_ppl,
                 "best_ppl": self.parent_ppl, "greedy_mask": self.greedy_mask.to_dict(),
                 "best_mask": self.parent.to_dict(), "history": self.history}

@@ -120,8 +120,10 @@ def test_max_evaluations_stops_the_search():
 
 
 def test_bad_settings_are_named():
-    with pytest.raises(ValueError, match="offspring, max_swaps, survivors, generations, max_evaluations and first_windows must be >= 1"):
+    with pytest.raises(ValueError, match="max_evaluations, first_windows and max_tokens must be >= 1"):
         EvolutionSearcher(ARCH, TARGET, offspring=0)
+    with pytest.raises(ValueError, match="must be >= 1; got .* 0$"):
+        EvolutionSearcher(ARCH, TARGET, max_tokens=0, calibration=(8, 100))
 
 
 def test_auto_first_windows_is_evopress_share_of_the_campaign_windows():
@@ -130,6 +132,26 @@ def test_auto_first_windows_is_evopress_share_of_the_campaign_windows():
 
     search = SearchConfig(method="evolution", target_ratio=TARGET, batch_size=2)
     assert search.evolution.first_windows == "auto" and search.evolution.offspring == 32  # EvoPress's defaults
-    assert make_searcher(search, ARCH, calibration_windows=256).first_windows == 4  # 1/64, whole batches
-    assert make_searcher(search, ARCH, calibration_windows=2).first_windows is None  # one batch: one step
+    assert make_searcher(search, ARCH, calibration=(256, 127)).first_windows == 4  # 1/64, whole batches
+    assert make_searcher(search, ARCH, calibration=(2, 127)).first_windows is None  # one batch: one step
     assert make_searcher(search, ARCH).first_windows is None  # the windows unknown: one step on all of them
+
+
+def test_a_token_budget_stops_the_search_and_replays_the_same():
+    """Tokens count every offspring on the first windows and every survivor on the rest, cached or not:
+    a replay against the cache stops at the same generation."""
+    shape = (8, 100)  # 8 windows of 100 predicted tokens
+    per_generation = 6 * 2 * 100 + 1 * 6 * 100  # 6 offspring on 2 windows, 1 survivor on the other 6
+    budget = 3 * per_generation - 1  # three generations reach it
+    search = EvolutionSearcher(ARCH, TARGET, offspring=6, generations=50, seed=4, first_windows=2, survivors=1,
+                               max_tokens=budget, calibration=shape)
+    proposed = drive(search, trap)
+    assert search.generation == 3 and search.tokens == 3 * per_generation
+    assert search.summary()["tokens"] == search.tokens and search.summary()["max_tokens"] == budget
+    known = {m: trap(m) for m in offspring(proposed)}  # the cache: every offspring's full score
+    replay = EvolutionSearcher(ARCH, TARGET, offspring=6, generations=50, seed=4, first_windows=2, survivors=1,
+                               max_tokens=budget, calibration=shape, known=known)
+    drive(replay, trap)
+    assert replay.generation == 3 and replay.tokens == search.tokens and replay.history == search.history
+    with pytest.raises(ValueError, match="max_tokens needs the calibration set's shape"):
+        EvolutionSearcher(ARCH, TARGET, max_tokens=1000)

@@ -63,6 +63,8 @@ def test_two_step_selection_scores_offspring_on_a_prefix_and_forwards_no_window_
     run_dir = result.run_dir
     search = json.loads((run_dir / "search.json").read_text())
     assert search["first_windows"] == 4 and search["survivors"] == 1
+    # Tokens: every offspring on windows [0, 4), the one survivor of each generation on [4, 8); 23 per window.
+    assert search["tokens"] == (search["evaluations"] * 4 + search["generations"] * 4) * 23
     # The cache holds each offspring on windows [0, 4) and each survivor on [4, 8) too, under their own keys.
     by_fp: dict[str, set[Mask]] = {}
     for row in EvalCache(run_dir / "evals", flush_every=None).rows():
