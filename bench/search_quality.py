@@ -82,7 +82,7 @@ def entries() -> list[Entry]:
 
 
 def directory(name: str) -> Path:
-    return RUNS / name.replace(" ", "-").replace("@", "-at-")
+    return RUNS / name.replace(" ", "-").replace("+", "-").replace("@", "-at-")
 
 
 def result(name: str) -> dict | None:
