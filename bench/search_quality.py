@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/search_quality.py                 # every entry not measured yet, then the table
     .venv/bin/python bench/search_quality.py --only evolution@0.11 --fresh
+    .venv/bin/python bench/search_quality.py --recount      # tokens of measured entries, from their caches
 
 SmolLM2-135M, configs/demo.yaml with 32 x 128 calibration tokens (4,096; batch 2) and the demo's
 16 x 256 held-out tokens, 2 evaluator actors x 1 CPU, fp32. Each entry is one campaign in its own run
@@ -14,8 +15,9 @@ Work shared between entries is reused, not repeated, and still counted:
 
 - ``donor``: the entry's cache starts as a copy of the donor's (a greedy run to a lower ratio is the
   prefix of the one to a higher ratio; a warm-started search starts from greedy's run at its ratio);
-- tokens: every calibration row the campaign used, computed or served from that copy
-  (``Counters.tokens_by_set``): the compute the method needs from a cold start;
+- tokens: every calibration row the campaign used, computed or served from that copy, each once
+  however often the search read it (``Counters.tokens_by_set``): the compute the method needs from
+  a cold start;
 - wall: this campaign's, plus its donor's (whose work it reused).
 
 Section ``<!-- search-quality -->`` of bench/RESULTS.md.
@@ -95,7 +97,6 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
     directory left by a stopped measurement is resumed (its wall time then counts this part only,
     and the table marks it), unless ``fresh``."""
     from orchestrator.campaign import Campaign
-    from orchestrator.config_load import load_config
 
     run_dir = directory(entry.name)
     resumed = (run_dir / "evals").is_dir()  # a stopped measurement goes on from its cache
@@ -107,11 +108,8 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
         raise SystemExit(f"{entry.name} starts from {entry.donor}, which has not run yet: run it first")
     if entry.donor and not resumed:
         shutil.copytree(directory(entry.donor) / "evals", run_dir / "evals")
-    config = load_config(ROOT / "configs" / "demo.yaml", [
-        f"name=bench-quality-{run_dir.name}", f"output={run_dir}", f"cluster.actors={ACTORS}",
-        f"search.target_ratio={entry.ratio}", *COMMON, *entry.overrides])
     t0 = time.perf_counter()
-    outcome = Campaign(config, progress=False).run()
+    outcome = Campaign(config(entry), progress=False).run()
     wall = time.perf_counter() - t0
     path = json.loads((run_dir / "path.json").read_text())
     last = path["steps"][-1]
@@ -122,11 +120,35 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
         "heldout_greedy": path["heldout"].get("greedy_ppl"), "dense_heldout": path["heldout"]["dense_ppl"],
         "tokens": outcome.counters.tokens_by_set.get("calibration", 0), "wall_own": wall,
         "wall": wall + (donor["wall"] if donor else 0.0), "resumed": resumed, "mask": path_mask(path),
-        "evolution": {k: search["evolution"][k] for k in ("generations", "evaluations", "greedy_ppl", "best_ppl")}
-        if search.get("evolution") else None,
+        "evolution": {k: search.get(k) for k in ("generations", "evaluations", "tokens", "greedy_ppl", "best_ppl")}
+        if search.get("method") == "evolution" else None,
         "date": time.strftime("%Y-%m-%d"),
     }
     (run_dir / "result.json").write_text(json.dumps(figures, indent=1))
+    return figures
+
+
+def config(entry: Entry):
+    from orchestrator.config_load import load_config
+
+    run_dir = directory(entry.name)
+    return load_config(ROOT / "configs" / "demo.yaml", [
+        f"name=bench-quality-{run_dir.name}", f"output={run_dir}", f"cluster.actors={ACTORS}",
+        f"search.target_ratio={entry.ratio}", *COMMON, *entry.overrides])
+
+
+def recount(entry: Entry) -> dict:
+    """Count a measured entry's tokens again by replaying its campaign from its complete cache (no
+    forward pass; its wall time is kept): each row once, however often the search read it."""
+    from orchestrator.campaign import Campaign
+
+    figures = result(entry.name)
+    outcome = Campaign(config(entry), progress=False).run()
+    if outcome.counters.evaluated:
+        raise SystemExit(f"{entry.name}: the replay computed {outcome.counters.evaluated} rows; its cache is not "
+                         f"complete, so its tokens are not recounted (measure it again with --fresh)")
+    figures["tokens"] = outcome.counters.tokens_by_set.get("calibration", 0)
+    (directory(entry.name) / "result.json").write_text(json.dumps(figures, indent=1))
     return figures
 
 
@@ -180,11 +202,13 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated entries, e.g. 'evolution@0.11' (default: every one)")
     parser.add_argument("--fresh", action="store_true", help="measure again from a cold start, even entries that "
                         "have a result (default: measure what is missing, resuming a stopped measurement)")
+    parser.add_argument("--recount", action="store_true", help="count the tokens of measured entries again, "
+                        "from a replay of their cache (each row once)")
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # one entry, in this process
     args = parser.parse_args()
     by_name = {e.name: e for e in entries()}
     if args.entry:
-        figures = measure(by_name[args.entry], fresh=args.fresh)
+        figures = (recount if args.recount else measure)(by_name[args.entry], *([] if args.recount else [args.fresh]))
         print(json.dumps(figures))
         return
     wanted = args.only.split(",") if args.only else list(by_name)
@@ -192,10 +216,11 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown entries {unknown}; the entries are: {', '.join(by_name)}")
     for name in wanted:
-        if result(name) is not None and not args.fresh:
-            continue
+        if (result(name) is not None) != args.recount and not args.fresh:
+            continue  # measure what is missing; recount what is measured
         print(f"=== {name}", flush=True)
-        subprocess.run([sys.executable, __file__, "--entry", name, *(["--fresh"] if args.fresh else [])], check=True)
+        flags = ["--fresh"] if args.fresh else ["--recount"] if args.recount else []
+        subprocess.run([sys.executable, __file__, "--entry", name, *flags], check=True)
         write_table()
     write_table()
 

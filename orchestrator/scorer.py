@@ -53,15 +53,29 @@ class Counters:
     tokens_cached: int = 0  # tokens of the rows served from the cache (computed by an earlier run)
     # tokens of the rows used (computed or served) per window set: calibration, evaluation, ...
     tokens_by_set: dict[str, int] = field(default_factory=dict)
+    # keys of the rows counted so far: a row read again (a racing round re-reading the windows of the
+    # rounds before it) is answered again but its tokens count once
+    _rows: set[str] = field(default_factory=set, repr=False, compare=False)
 
-    def served(self, row: Mapping[str, Any], window_set: str) -> None:
+    def served(self, row: Mapping[str, Any], window_set: str, key: str | None = None) -> None:
         """Count one row of ``window_set`` (a segment's: the set it is cut from) served from the cache."""
         self.cached += 1
-        self.tokens_cached += self._used(int(row.get("tokens") or 0), window_set)
+        if self._first(key or row.get("key")):
+            self.tokens_cached += self._used(int(row.get("tokens") or 0), window_set)
 
-    def computed(self, tokens: int, window_set: str) -> None:
+    def computed(self, tokens: int, window_set: str, key: str | None = None) -> None:
         """Count the tokens of one row of ``window_set`` an evaluator computed."""
-        self.tokens_evaluated += self._used(tokens, window_set)
+        if self._first(key):
+            self.tokens_evaluated += self._used(tokens, window_set)
+
+    def _first(self, key: str | None) -> bool:
+        """Whether row ``key`` has not been counted yet (None: a row without a key, always counted)."""
+        if key is None:
+            return True
+        if key in self._rows:
+            return False
+        self._rows.add(key)
+        return True
 
     def _used(self, tokens: int, window_set: str) -> int:
         self.tokens_by_set[window_set] = self.tokens_by_set.get(window_set, 0) + tokens
@@ -304,18 +318,19 @@ class Scorer:
         """Write one evaluation (``row``: nll_sum, tokens, seconds, worker; None: failed) to the
         cache and count it (unless the caller counted it already); returns its perplexity.
         ``model_fingerprint`` overrides the model's (SPRINT: the model with its refitted weights)."""
+        model_fp = model_fingerprint or self.model_fingerprint
+        key = key or self.key(mask, window_set, model_fp)
         if row is None:
             self.counters.failed += count
             ppl, nll, tokens, seconds, worker = math.nan, math.nan, 0, 0.0, ""
         else:
             self.counters.evaluated += count
             if count:
-                self.counters.computed(int(row["tokens"]), self.parent_set(window_set))
+                self.counters.computed(int(row["tokens"]), self.parent_set(window_set), key)
             nll, tokens, seconds, worker = row["nll_sum"], row["tokens"], row.get("seconds"), row.get("worker")
             ppl = perplexity(nll, tokens)
-        model_fp = model_fingerprint or self.model_fingerprint
         self.cache.add({
-            "key": key or self.key(mask, window_set, model_fp), "mask_json": mask.to_json(),
+            "key": key, "mask_json": mask.to_json(),
             "model_fp": model_fp, "calibration_fp": self.fingerprints[window_set],
             "nll_sum": nll, "tokens": tokens, "ppl": ppl,
             "params_kept": param_count(mask, self.arch), "ratio": ratio(mask, self.arch),

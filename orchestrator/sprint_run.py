@@ -115,9 +115,9 @@ class SprintRun:
             result = _jsonable(raw)
             self.store.put(key, result)
             scorer.counters.evaluated += 1
-            scorer.counters.computed(int(result["tokens"]), request.window_set)
+            scorer.counters.computed(int(result["tokens"]), request.window_set, key)
         else:
-            scorer.counters.served(result, request.window_set)
+            scorer.counters.served(result, request.window_set, key)
         ppl = perplexity(result["nll_sum"], result["tokens"])
         if not in_cache:
             scorer.record(request.mask, request.window_set, result, None, model_fingerprint=model_fp,

@@ -60,6 +60,9 @@ def test_racing_rounds_on_growing_prefixes_forward_each_window_once(tmp_path):
         field = field[:-1] or field  # one fewer each round
     windows = forwarded(pool)
     assert len(windows) == len(set(windows))  # no (mask, window) twice
+    # Each round re-reads the windows of the rounds before it from the cache: answered, not counted again.
+    assert scorer.counters.tokens_by_set == {"calibration": len(windows) * TOKENS}
+    assert scorer.counters.tokens_cached == 0 and scorer.counters.cached > 0
     assert sorted(i for m, i in windows if m == MASKS[0].to_json()) == list(range(12))
     assert max(i for m, i in windows if m == MASKS[2].to_json()) == 1  # cut after round 1: windows 0 and 1 only
 
