@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "bench-quality"
 MARKER = "<!-- search-quality -->"
 SEQUENCES, LENGTH, BATCH, ACTORS = 32, 128, 2, 2
+HELDOUT_ROW = 16 * 255  # tokens of a held-out row (16 x 256 windows); no calibration row has as many
 RATIOS = (0.11, 0.22)
 # kv_weight=once: the channel order the first entries were measured with (before MultiPruner's n_rep
 # weighting became the default), so every entry's model fingerprint, and the caches they share, match.
@@ -138,18 +139,23 @@ def config(entry: Entry):
 
 
 def recount(entry: Entry) -> dict:
-    """Count a measured entry's tokens again by replaying its campaign from its complete cache (no
-    forward pass; its wall time is kept): each row once, however often the search read it."""
-    from orchestrator.campaign import Campaign
+    """Count a measured entry's calibration tokens again from its cache: every row once (its wall
+    time is kept). Every row of an entry's cache is one its campaign used: the donor's rows are its
+    warm start or the prefix of its own path. The held-out rows (16 x 255 tokens) are left out."""
+    from orchestrator.cache import EvalCache
 
     figures = result(entry.name)
-    outcome = Campaign(config(entry), progress=False).run()
-    if outcome.counters.evaluated:
-        raise SystemExit(f"{entry.name}: the replay computed {outcome.counters.evaluated} rows; its cache is not "
-                         f"complete, so its tokens are not recounted (measure it again with --fresh)")
-    figures["tokens"] = outcome.counters.tokens_by_set.get("calibration", 0)
+    rows = {r["key"]: r for r in EvalCache(directory(entry.name) / "evals", flush_every=None).rows()
+            if r["status"] == "ok"}
+    figures["tokens"] = sum(int(r["tokens"]) for r in rows.values() if int(r["tokens"]) != HELDOUT_ROW)
     (directory(entry.name) / "result.json").write_text(json.dumps(figures, indent=1))
     return figures
+
+
+def steps(name: str) -> list[tuple[str, int]]:
+    """The removal path of an entry's campaign: (kind, layer) per step."""
+    path = json.loads((directory(name) / "path.json").read_text())
+    return [(s["kind"], s["layer"]) for s in path["steps"]]
 
 
 def path_mask(path: dict) -> str:
@@ -173,7 +179,7 @@ def write_table() -> None:
              "offspring per generation on 4 windows, the best 2 on all 32, 60 generations, from BlockPruner's "
              "mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "
              "KL(dense || mask) per token, perplexity reported. Tokens: calibration tokens of every row the "
-             "campaign used, including its warm start's (the compute from a cold start). Wall: the campaign's, "
+             "campaign used (each once, however often read), including its warm start's (the compute from a cold start). Wall: the campaign's, "
              "plus the run it reused (the warm start, or the same greedy search to the lower ratio); "
              "\"resumed\": measured in two sittings, the wall time of the second only. The 2 cores were "
              "shared with other work during some entries, so wall times are indicative; tokens are the compute.", "",
@@ -191,6 +197,20 @@ def write_table() -> None:
                       f"on held-out text: {evo['heldout']:.3f} vs {greedy['heldout']:.3f} ({gain:+.3f}), with "
                       f"{evo['tokens'] / greedy['tokens']:.2f}x BlockPruner's tokens ({evo['tokens']:,}); on the "
                       f"calibration windows {evo['calibration']:.3f} vs {greedy['calibration']:.3f}."]
+        for racing in ("racing", "racing rounds"):
+            raced = result(f"{racing}@{ratio}")
+            if greedy and raced:
+                same = steps(f"{racing}@{ratio}") == steps(f"blockpruner@{ratio}")
+                lines += ["", f"At {ratio:.2f}, {racing} {'took' if same else 'did not take'} BlockPruner's path "
+                          f"({'the same' if same else 'another'} {len(steps(f'{racing}@{ratio}'))} steps) with "
+                          f"{greedy['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs "
+                          f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."]
+        for method in ("blockpruner", "evolution"):
+            ppl, kl = result(f"{method}@{ratio}"), result(f"{method} kl@{ratio}")
+            if ppl and kl:
+                lines += ["", f"At {ratio:.2f}, {method} with KL fitness: held-out {kl['heldout']:.3f} vs "
+                          f"{ppl['heldout']:.3f} with perplexity fitness ({kl['mask']} vs {ppl['mask']}), "
+                          f"{kl['tokens']:,} vs {ppl['tokens']:,} tokens."]
     missing = [e.name for e, r in rows if not r]
     if missing:
         lines += ["", "Not measured yet: " + ", ".join(missing) + "."]
@@ -203,7 +223,7 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="measure again from a cold start, even entries that "
                         "have a result (default: measure what is missing, resuming a stopped measurement)")
     parser.add_argument("--recount", action="store_true", help="count the tokens of measured entries again, "
-                        "from a replay of their cache (each row once)")
+                        "from their caches (each row once)")
     parser.add_argument("--entry", help=argparse.SUPPRESS)  # one entry, in this process
     args = parser.parse_args()
     by_name = {e.name: e for e in entries()}
