@@ -179,7 +179,8 @@ def write_table() -> None:
              "offspring per generation on 4 windows, the best 2 on all 32, 60 generations, from BlockPruner's "
              "mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "
              "KL(dense || mask) per token, perplexity reported. Tokens: calibration tokens of every row the "
-             "campaign used (each once, however often read), including its warm start's (the compute from a cold start). Wall: the campaign's, "
+             "campaign used (each once, however often read), including its warm start's (the compute from a "
+             "cold start). Wall: the campaign's, "
              "plus the run it reused (the warm start, or the same greedy search to the lower ratio); "
              "\"resumed\": measured in two sittings, the wall time of the second only. The 2 cores were "
              "shared with other work during some entries, so wall times are indicative; tokens are the compute.", "",
