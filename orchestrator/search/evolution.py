@@ -13,9 +13,10 @@ The search runs in two phases inside one campaign:
 It stops after ``generations`` (default EvoPress's ``k (n - k) / 1.5``, see
 :func:`~search_spaces.evolution.default_generations`), once ``max_evaluations`` offspring were
 scored, or once the generations' scores cover ``max_tokens`` calibration tokens (every offspring on
-the windows of its first step, every survivor on the rest; a generation that started finishes). The offspring are drawn from a seeded generator whatever the scores, and a mask already
-scored (the cache, an earlier generation) is answered from memory and not proposed again, so a
-campaign stopped mid-generation replays to the same result from its cache.
+the windows of its first step, every survivor on the rest; a generation that started finishes).
+The offspring are drawn from a seeded generator whatever the scores, and a mask already scored (the
+cache, an earlier generation) is answered from memory and not proposed again, so a campaign stopped
+mid-generation replays to the same result from its cache.
 
 The path is BlockPruner's, followed by one step of kind ``trial`` (``layer`` = generation) per
 improvement of the parent; ``references()`` has the greedy mask scored on the held-out windows too.

@@ -111,8 +111,8 @@ def test_a_campaign_killed_mid_generation_resumes_to_the_same_result(ray_session
     config = tmp_path / f"{name}.yaml"
     config.write_text(f"# rayprune run {config.name} (killed by test_evolution_campaign.py)\nname: {name}\n")
     proc = subprocess.Popen([sys.executable, "-m", "tests.killpoints", "generation", "run", "--no-progress",
-                             str(config), *tiny_overrides(setup, name, **settings)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             str(config), *tiny_overrides(setup, name, **settings)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=300)
     finally:
