@@ -17,8 +17,9 @@ exactly where it stopped. So:
   ``DistributedDataParallel`` averages over workers, which the loss undoes by a factor w;
 - **dropout** draws from a generator seeded by (seed, step, rank) at each step, so a step computes
   the same thing whether the run was resumed before it or not;
-- **a checkpoint** holds the trainable weights, AdamW's state and the step, as safetensors and JSON
-  (no pickle), plus the adapter in peft's own format (``adapter/``). Loading one and continuing gives
+- **a checkpoint** holds the trainable weights, AdamW's state, the step and every logged step so far
+  (``history``), as safetensors and JSON (no pickle), plus the adapter in peft's own format
+  (``adapter/``). Loading one and continuing gives
   the weights an uninterrupted run reaches (bitwise on one CPU worker; the tests say so).
 
 The learning rate follows ``transformers.get_linear_schedule_with_warmup`` (``lr * s / warmup``
@@ -167,6 +168,7 @@ class LoraTrainer:
         self.names = [n for n, p in self.peft_model.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=settings["lr"], weight_decay=settings["weight_decay"])
         self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.history: list[dict[str, Any]] = []  # every logged step so far (checkpointed: a resumed log is whole)
         self.input_device = self.peft_model.get_input_embeddings().weight.device
 
     # ---- one optimizer step ----------------------------------------------------------------------
@@ -259,6 +261,7 @@ class LoraTrainer:
             if checkpoint:
                 log.val_loss = self.validation_loss()
             if done or self.step % self.settings["log_every"] == 0 or checkpoint:
+                self.history.append(log.to_dict())
                 on_log(log)
             if checkpoint:
                 on_checkpoint(log)
@@ -282,6 +285,7 @@ class LoraTrainer:
         (directory / STATE_FILE).write_text(json.dumps({
             "step": self.step, "tokens": self.tokens, "seconds": self.seconds, "total_steps": self.plan.total_steps,
             "param_groups": state["param_groups"], "names": self.names, "log": log.to_dict() if log else None,
+            "history": self.history,
         }, indent=1))
         self.peft_model.save_pretrained(str(directory / ADAPTER_DIR))
 
@@ -305,4 +309,5 @@ class LoraTrainer:
             state.setdefault(int(index), {})[field] = value
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.step, self.tokens, self.seconds = meta["step"], meta["tokens"], meta["seconds"]
+        self.history = [entry for entry in meta.get("history", []) if entry["step"] <= self.step]
 

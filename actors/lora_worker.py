@@ -88,7 +88,7 @@ def train_loop_per_worker(config: Mapping[str, Any]) -> None:
     queue = config.get("queue")
     if rank == 0 and queue is not None:
         queue.put({"event": "start", "step": trainer.step, "total": trainer.plan.total_steps,
-                   "tokens": trainer.tokens, "seconds": trainer.seconds})
+                   "tokens": trainer.tokens, "seconds": trainer.seconds, "history": trainer.history})
 
     def on_log(entry) -> None:
         if rank == 0 and queue is not None:

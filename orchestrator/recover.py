@@ -147,7 +147,7 @@ def _flatten(rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 class _Progress:
     """Drains the workers' log queue: a bar with ETA on a terminal, one log line per entry otherwise;
-    every entry also goes to ``log.jsonl`` (entries past a resumed step are dropped first)."""
+    every entry also goes to ``log.jsonl`` (rewritten from the checkpoint's history at a (re)start)."""
 
     def __init__(self, queue: Any, log_file: Path, enabled: bool) -> None:
         self.queue, self.log_file = queue, log_file
@@ -191,7 +191,7 @@ class _Progress:
         if entry.get("event") == "start":
             if self.started_at is None:
                 self.started_at = entry["step"]
-            self._truncate(entry["step"])
+            self._restart(entry["step"], entry.get("history"))
             if self.bar_on:
                 self.bar = tqdm(total=entry["total"], initial=entry["step"], desc="recovery", unit="step")
             log.info("recovery: step %d of %d%s", entry["step"], entry["total"],
@@ -208,11 +208,14 @@ class _Progress:
                      f", val {line['val_loss']:.4f}" if "val_loss" in line else "", line["lr"],
                      f"{line['tokens']:,}", line["seconds"])
 
-    def _truncate(self, step: int) -> None:
-        """Keep the lines up to the step training resumes from (a torn last line goes too)."""
-        if self.log_file.is_file():
-            kept = [entry for entry in read_log(self.log_file) if entry.get("step", 0) <= step]
-            atomic_write(self.log_file, "".join(json.dumps(entry) + "\n" for entry in kept))
+    def _restart(self, step: int, history: list[dict[str, Any]] | None) -> None:
+        """The log as of the step training (re)starts from: the checkpoint's own history of logged steps
+        (lines this driver never got to write before it was killed come back), or, from a checkpoint
+        without one, the lines up to that step (a torn last line goes too)."""
+        if history is None:
+            logged = read_log(self.log_file) if self.log_file.is_file() else []
+            history = [entry for entry in logged if entry.get("step", 0) <= step]
+        atomic_write(self.log_file, "".join(json.dumps(entry) + "\n" for entry in history))
 
 
 def _fit(model_dir: Path, settings: RecoveryConfig, train, val, pad_id: int, recovery_dir: Path,

@@ -92,19 +92,27 @@ def test_loss_is_the_token_mean_over_the_global_batch():
 
 
 def test_resuming_from_a_checkpoint_gives_the_uninterrupted_weights(tmp_path):
-    whole = trainer()
+    whole = trainer(settings={"checkpoint_every": 3})
     whole.run()
-    first = trainer()
-    while first.step < 3:
-        first.train_step()
-    first.save(tmp_path / "ckpt")
+    first = trainer(settings={"checkpoint_every": 3})
+    stopped: list[int] = []
+
+    def stop_at_3(log):
+        if log.step == 3:
+            first.save(tmp_path / "ckpt", log)
+            raise KeyboardInterrupt  # a worker killed right after its checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_log=lambda log: stopped.append(log.step), on_checkpoint=stop_at_3)
     assert (tmp_path / "ckpt" / "adapter" / "adapter_model.safetensors").is_file()
-    resumed = trainer()
+    resumed = trainer(settings={"checkpoint_every": 3})
     resumed.load(tmp_path / "ckpt")
     assert resumed.step == 3
+    assert [e["step"] for e in resumed.history] == stopped  # the log so far travels with the checkpoint
     resumed.run()
     assert resumed.step == whole.step == whole.plan.total_steps
     assert resumed.tokens == whole.tokens
+    assert [(e["step"], e["loss"]) for e in resumed.history] == [(e["step"], e["loss"]) for e in whole.history]
     final, reference = adapters(resumed), adapters(whole)
     for name in reference:  # one CPU process, the same ops in the same order: bitwise
         assert torch.equal(final[name], reference[name]), name
