@@ -209,9 +209,9 @@ def write_table() -> None:
         for method in ("blockpruner", "evolution"):
             ppl, kl = result(f"{method}@{ratio}"), result(f"{method} kl@{ratio}")
             if ppl and kl:
-                lines += ["", f"At {ratio:.2f}, {method} with KL fitness: held-out {kl['heldout']:.3f} vs "
-                          f"{ppl['heldout']:.3f} with perplexity fitness ({kl['mask']} vs {ppl['mask']}), "
-                          f"{kl['tokens']:,} vs {ppl['tokens']:,} tokens."]
+                lines += ["", f"At {ratio:.2f}, {method} with KL fitness: held-out {kl['heldout']:.3f} at ratio "
+                          f"{kl['ratio']:.4f} vs {ppl['heldout']:.3f} at {ppl['ratio']:.4f} with perplexity fitness "
+                          f"({kl['mask']} vs {ppl['mask']}), {kl['tokens']:,} vs {ppl['tokens']:,} tokens."]
     missing = [e.name for e, r in rows if not r]
     if missing:
         lines += ["", "Not measured yet: " + ", ".join(missing) + "."]
