@@ -19,8 +19,8 @@ exactly where it stopped. So:
   the same thing whether the run was resumed before it or not;
 - **a checkpoint** holds the trainable weights, AdamW's state, the step and every logged step so far
   (``history``), as safetensors and JSON (no pickle), plus the adapter in peft's own format
-  (``adapter/``). Loading one and continuing gives
-  the weights an uninterrupted run reaches (bitwise on one CPU worker; the tests say so).
+  (``adapter/``). Loading one and continuing gives the weights an uninterrupted run reaches (bitwise
+  on one CPU worker; the tests say so).
 
 The learning rate follows ``transformers.get_linear_schedule_with_warmup`` (``lr * s / warmup``
 while ``s < warmup``, then a linear decay to 0 at the last step; ``s`` counts completed steps) and
