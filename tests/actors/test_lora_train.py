@@ -159,13 +159,15 @@ def test_a_worker_trains_a_bf16_replica_spread_over_two_emulated_gpus(tmp_path):
         t = LoraTrainer(model, settings, examples(), examples(4, seed=1), pad_id=0)
         assert {device_of(p) for p in t.params} == {"cuda:0", "cuda:1"}
         assert all(p.dtype == torch.float32 for p in t.params)  # adapters in fp32 over bf16 weights
-        losses = [t.train_step().loss for _ in range(2)]  # clipping and AdamW per device
-        val = t.validation_loss()
+        logs = []
+        t.run(on_log=logs.append)  # 2 steps: clipping and AdamW per device; the last step validates
+        losses, val = [log.loss for log in logs], logs[-1].val_loss
         t.save(tmp_path / "ckpt")
         again = LoraTrainer(place_replica(str(compact), "auto", [torch.device("cuda", 0), torch.device("cuda", 1)],
                                           1), settings, examples(), examples(4, seed=1), pad_id=0)
         again.load(tmp_path / "ckpt")
         assert again.step == 2 and all(device_of(p) == device_of(q) for p, q in zip(again.params, t.params))
+        assert [e["step"] for e in again.history] == [1, 2] and again.history == t.history  # the log travels
         for p, q in zip(again.params, t.params):
             assert torch.equal(p.detach().cpu(), q.detach().cpu())
     assert losses == pytest.approx(expected, rel=1e-3) and np.isfinite(val)
