@@ -201,9 +201,10 @@ def write_table() -> None:
         for racing in ("racing", "racing rounds"):
             raced = result(f"{racing}@{ratio}")
             if greedy and raced:
-                same = steps(f"{racing}@{ratio}") == steps(f"blockpruner@{ratio}")
+                path = steps(f"{racing}@{ratio}")
+                same = path == steps(f"blockpruner@{ratio}")
                 lines += ["", f"At {ratio:.2f}, {racing} {'took' if same else 'did not take'} BlockPruner's path "
-                          f"({'the same' if same else 'another'} {len(steps(f'{racing}@{ratio}'))} steps) with "
+                          f"({'the same' if same else 'another'} {len(path)} steps) with "
                           f"{greedy['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs "
                           f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."]
         for method in ("blockpruner", "evolution"):

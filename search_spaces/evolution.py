@@ -30,7 +30,13 @@ def default_first_windows(n_windows: int, batch_size: int = 1) -> int | None:
     if n_windows < 1 or batch_size < 1:
         raise ValueError(f"need n_windows >= 1 and batch_size >= 1; got {n_windows}, {batch_size}")
     share = -(-n_windows * EVOPRESS_FIRST_TOKENS // EVOPRESS_CALIBRATION_TOKENS)  # ceil
-    first = -(-share // batch_size) * batch_size  # whole batches, as the scorer cuts its levels
+    return first_step_windows(share, n_windows, batch_size)
+
+
+def first_step_windows(first: int, n_windows: int, batch_size: int) -> int | None:
+    """A first selection step of ``first`` windows as the scorer cuts it: whole batches, rounded up.
+    None where that is the whole set (one step on every window)."""
+    first = -(-first // batch_size) * batch_size
     return first if first < n_windows else None
 
 

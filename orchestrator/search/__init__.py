@@ -121,13 +121,12 @@ def first_windows(setting: int | str | None, calibration: tuple[int, int] | None
     step on every window). ``auto`` is EvoPress's share of the calibration windows."""
     if setting is None or calibration is None:
         return None if setting in (None, "auto") else setting  # type: ignore[return-value]
+    from search_spaces.evolution import default_first_windows, first_step_windows
+
     windows = calibration[0]
     if setting == "auto":
-        from search_spaces.evolution import default_first_windows
-
         return default_first_windows(windows, batch_size)
-    first = -(-int(setting) // batch_size) * batch_size
-    return first if first < windows else None
+    return first_step_windows(int(setting), windows, batch_size)
 
 
 __all__ = ["BlockPrunerSearcher", "GreedySearcher", "MultiPrunerSearcher", "Proposal", "Searcher", "Step",
