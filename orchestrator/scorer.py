@@ -254,15 +254,29 @@ class Scorer:
         """Perplexity of every mask on the first ``upto`` windows of ``window_set`` (None: all), from
         the segments of ``levels(window_set, cuts)`` that reach it: a segment scored before (this run
         or an earlier one) is read from the cache and never forwarded again, and a score on few windows
-        never stands for one on more. ``upto`` is rounded up to a whole batch, like the cuts."""
+        never stands for one on more. ``upto`` is rounded up to a whole batch, like the cuts. On every
+        window, a mask already scored on the whole set (by an exact search: a greedy step, a warm
+        start) is read from that row, not forwarded again segment by segment."""
         n_windows, batch = self.window_shapes[window_set][0], self.batch_size or 1
         end = n_windows if upto is None else min(n_windows, -(-int(upto) // batch) * batch)
         segments = self.levels(window_set, [*cuts, end])
         names = [self.segment(window_set, a, b) for a, b in segments if b <= end]
-        for name in names:
-            self.score(masks, base, name, f"{label} ({name})", fitness)
         model_fp, out = self.fitness_fingerprint(fitness), {}
+        whole: dict[Mask, float] = {}
+        if end == n_windows:
+            for mask in dict.fromkeys(masks):
+                key = self.key(mask, window_set, model_fp)
+                row = self.cache.get(key, model_fp=model_fp, calibration_fp=self.fingerprints[window_set])
+                if row is not None:
+                    whole[mask] = row["ppl"]
+                    self.counters.served(row, self.parent_set(window_set), key)
+        rest = [mask for mask in masks if mask not in whole]
+        for name in names if rest else ():
+            self.score(rest, base, name, f"{label} ({name})", fitness)
         for mask in masks:
+            if mask in whole:
+                out[mask] = whole[mask]
+                continue
             rows = [self.cache.get(self.key(mask, name, model_fp), model_fp=model_fp,
                                    calibration_fp=self.fingerprints[name]) for name in names]
             if any(r is None or r.get("status") != "ok" for r in rows):

@@ -94,6 +94,25 @@ def test_a_cache_of_segments_replays_without_a_forward(tmp_path):
     assert replay_pool.tasks == []
 
 
+def test_a_score_on_the_whole_set_answers_every_window_without_a_forward(tmp_path):
+    """An exact search's rows (a greedy run to the same ratio, a warm start) serve racing's and
+    evolution's last round: a mask scored on all windows is not forwarded again segment by segment,
+    while a prefix still needs its own segment."""
+    pool = FakePool(2, windows=12)
+    scorer = fake_scorer(tmp_path, pool)
+    whole = scorer.score(MASKS[:2], Mask(), "calibration", "exact")
+    before = len(forwarded(pool))
+    full = scorer.score_upto(MASKS, Mask(), "calibration", None, (4,), "last round")
+    assert full == {m: pytest.approx(exact(m, 12), rel=1e-12) for m in MASKS}
+    assert {m: full[m] for m in MASKS[:2]} == whole  # the whole-set rows themselves
+    new = forwarded(pool)[before:]
+    assert {m for m, _ in new} == {MASKS[2].to_json()} and len(new) == 12  # only the mask without a row
+    assert scorer.counters.tokens_by_set == {"calibration": len(MASKS) * 12 * TOKENS}  # each row once
+    low = scorer.score_upto(MASKS[:1], Mask(), "calibration", 4, (4,), "first round")  # a prefix: forwarded
+    assert low[MASKS[0]] == pytest.approx(exact(MASKS[0], 4), rel=1e-12)
+    assert forwarded(pool)[before + 12:] == [(MASKS[0].to_json(), i) for i in range(4)]
+
+
 def test_a_failed_segment_fails_the_score(tmp_path):
     mask = MASKS[0]
     pool = FakePool(2, windows=12, fail=frozenset({(mask.to_json(), (4, 6))}))  # a shard of the second segment

@@ -4,6 +4,8 @@ never more tokens forwarded than the exact campaign."""
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -54,6 +56,30 @@ def test_racing_on_real_actors_keeps_the_path_or_names_the_change_and_forwards_n
     fp = heldout_fp.pop()
     assert calibration_tokens(raced.run_dir, fp) <= calibration_tokens(exact.run_dir, fp)
 
+
+
+def test_an_audit_from_the_exact_and_raced_caches_forwards_only_past_a_changed_decision(ray_session, setup):
+    """The audit of a finished racing campaign, on a copy of its cache and the exact campaign's
+    (``bench/search_quality.py`` does this): every step's exact scores come from the exact campaign's
+    whole-set rows up to the first decision racing changed, so an audit of a racing run that kept the
+    exact path forwards nothing."""
+    exact = Campaign(tiny_campaign_config(setup, "exact", **DATA), progress=False).run()  # replayed
+    raced = Campaign(tiny_campaign_config(setup, "raced", **DATA, **{"search.racing.windows": 2,
+                                                                     "search.racing.keep": 2}), progress=False).run()
+    config = tiny_campaign_config(setup, "audit-from-caches", **DATA, **{
+        "search.racing.windows": 2, "search.racing.keep": 2, "search.racing.audit": "true"})
+    for donor in (exact, raced):
+        shutil.copytree(donor.run_dir / "evals", Path(config.output) / "evals", dirs_exist_ok=True)
+    audited = Campaign(config, progress=False).run()
+    steps = [[(s["kind"], s["layer"]) for s in json.loads((r.run_dir / "path.json").read_text())["steps"]]
+             for r in (exact, raced, audited)]
+    assert steps[2] == steps[1]
+    changed = [i for i, s in enumerate(json.loads((audited.run_dir / "search.json").read_text())["racing"]["steps"])
+               if "changed" in s]
+    if steps[1] == steps[0]:
+        assert not changed and audited.counters.evaluated == 0  # every score from the two caches
+    else:  # the exact path's rows answer up to the first changed step; the later steps' are new
+        assert changed and 0 < audited.counters.evaluated
 
 def test_racing_in_rounds_on_real_actors_decides_on_full_scores(ray_session, setup):
     exact = Campaign(tiny_campaign_config(setup, "exact", **DATA), progress=False).run()  # the first test's: replayed
