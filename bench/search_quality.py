@@ -20,6 +20,11 @@ Work shared between entries is reused, not repeated, and still counted:
   a cold start;
 - wall: this campaign's, plus its donor's (whose work it reused).
 
+An audit entry (not a row of the table) replays a racing entry with ``search.racing.audit`` on its
+cache and BlockPruner's at the same ratio: the exact step's scores come from BlockPruner's rows up to
+the first decision racing changed, so it forwards nothing where racing kept BlockPruner's path, and
+the table names every decision it changed.
+
 Section ``<!-- search-quality -->`` of bench/RESULTS.md.
 """
 
@@ -60,6 +65,11 @@ class Entry:
     ratio: float
     overrides: tuple[str, ...] = ()
     donor: str | None = None  # an entry whose cache this one starts from (its work is reused and counted)
+    also: tuple[str, ...] = ()  # further entries whose caches it reads (an audit's: the exact scores)
+
+    @property
+    def audit(self) -> bool:
+        return "search.racing.audit=true" in self.overrides
 
     @property
     def name(self) -> str:
@@ -75,6 +85,9 @@ def entries() -> list[Entry]:
             Entry("evolution", ratio, tuple(EVOLUTION), donor=f"blockpruner@{ratio}"),
             Entry("racing", ratio, tuple(RACING), donor=low and f"racing@{low}"),
             Entry("racing rounds", ratio, tuple(RACING_ROUNDS), donor=low and f"racing rounds@{low}"),
+            *(Entry(f"{racing} audit", ratio, (*settings, "search.racing.audit=true"), donor=f"{racing}@{ratio}",
+                    also=(f"blockpruner@{ratio}",)) for racing, settings in (("racing", RACING),
+                                                                           ("racing rounds", RACING_ROUNDS))),
             Entry("tpe", ratio, tuple(TPE), donor=f"blockpruner@{ratio}"),
             Entry("evolution+widths", ratio, (*EVOLUTION, "search.widths=true"), donor=f"blockpruner@{ratio}"),
             Entry("blockpruner kl", ratio, tuple(KL), donor=low and f"blockpruner kl@{low}"),
@@ -105,10 +118,11 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         resumed = False
     donor = result(entry.donor) if entry.donor else None
-    if entry.donor and donor is None:
-        raise SystemExit(f"{entry.name} starts from {entry.donor}, which has not run yet: run it first")
-    if entry.donor and not resumed:
-        shutil.copytree(directory(entry.donor) / "evals", run_dir / "evals")
+    for other in (entry.donor, *entry.also) if not resumed else ():
+        if other and result(other) is None:
+            raise SystemExit(f"{entry.name} reads the cache of {other}, which has not run yet: run it first")
+        if other:
+            shutil.copytree(directory(other) / "evals", run_dir / "evals", dirs_exist_ok=True)
     t0 = time.perf_counter()
     outcome = Campaign(config(entry), progress=False).run()
     wall = time.perf_counter() - t0
@@ -123,6 +137,10 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
         "wall": wall + (donor["wall"] if donor else 0.0), "resumed": resumed, "mask": path_mask(path),
         "evolution": {k: search.get(k) for k in ("generations", "evaluations", "tokens", "greedy_ppl", "best_ppl")}
         if search.get("method") == "evolution" else None,
+        "changed": [{"step": i + 1, "racing": s["changed"]["racing"], "exact": s["changed"]["exact"],
+                     "racing_ppl": s["changed"]["racing_ppl"], "exact_ppl": s["changed"]["exact_ppl"]}
+                    for i, s in enumerate(search["racing"]["steps"]) if "changed" in s] if entry.audit else None,
+        "evaluated": outcome.counters.evaluated,
         "date": time.strftime("%Y-%m-%d"),
     }
     (run_dir / "result.json").write_text(json.dumps(figures, indent=1))
@@ -169,7 +187,7 @@ def path_mask(path: dict) -> str:
 
 def write_table() -> None:
     rows = [(e, result(e.name)) for e in entries()]
-    done = [(e, r) for e, r in rows if r]
+    done = [(e, r) for e, r in rows if r and not e.audit]
     lines = ["## Search quality: every method at about 11% and 22% (`bench/search_quality.py`)", "",
              f"SmolLM2-135M, configs/demo.yaml with {SEQUENCES} x {LENGTH} calibration tokens ({SEQUENCES * LENGTH:,}; "
              f"batch {BATCH}), held-out 16 x 256 tokens, {ACTORS} evaluator actors x 1 CPU, fp32, this machine "
@@ -206,7 +224,8 @@ def write_table() -> None:
                 lines += ["", f"At {ratio:.2f}, {racing} {'took' if same else 'did not take'} BlockPruner's path "
                           f"({'the same' if same else 'another'} {len(path)} steps) with "
                           f"{greedy['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs "
-                          f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."]
+                          f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."
+                          + audit_sentence(result(f"{racing} audit@{ratio}"), raced, greedy)]
         for method in ("blockpruner", "evolution"):
             ppl, kl = result(f"{method}@{ratio}"), result(f"{method} kl@{ratio}")
             if ppl and kl:
@@ -217,6 +236,27 @@ def write_table() -> None:
     if missing:
         lines += ["", "Not measured yet: " + ", ".join(missing) + "."]
     write_section(MARKER, lines)
+
+
+def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:
+    """What the audit of a racing entry found, and what racing's path cost on held-out text."""
+    if audit is None:
+        return ""
+    changed = audit["changed"]
+    found = (f" The audit ({audit['evaluated']} masks forwarded beyond the two caches) found "
+             f"{len(changed)} changed decision{'s' if len(changed) != 1 else ''}")
+    if not changed:
+        return found + "."
+    return (found + ": " + "; ".join(f"step {c['step']}, racing removed {removed(c['racing'], c['exact'])} "
+                                    f"(calibration {c['racing_ppl']:.3f}) where the exact step removes "
+                                    f"{removed(c['exact'], c['racing'])} ({c['exact_ppl']:.3f})" for c in changed)
+            + f"; racing's path costs {raced['heldout'] - greedy['heldout']:+.3f} held-out perplexity.")
+
+
+def removed(mask: dict, other: dict) -> str:
+    """The blocks ``mask`` removes and ``other`` does not, e.g. ``MLP 14``."""
+    return ", ".join([f"attention {l}" for l in sorted(set(mask["attn_removed"]) - set(other["attn_removed"]))]
+                     + [f"MLP {l}" for l in sorted(set(mask["mlp_removed"]) - set(other["mlp_removed"]))]) or "-"
 
 
 def main() -> None:
