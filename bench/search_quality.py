@@ -97,7 +97,8 @@ def entries() -> list[Entry]:
             Entry("evolution+widths", ratio, (*EVOLUTION, "search.widths=true"), donor=f"blockpruner@{ratio}"),
             Entry("blockpruner kl", ratio, tuple(KL), donor=low and f"blockpruner kl@{low}"),
             Entry("evolution kl", ratio, (*EVOLUTION, *KL), donor=f"blockpruner kl@{ratio}"),
-            Entry("multipruner", ratio, ("search.method=multipruner",)),
+            # the block stage to the high ratio begins with the low one's blocks: its cache serves them
+            Entry("multipruner", ratio, ("search.method=multipruner",), donor=low and f"multipruner@{low}"),
         ]
     return out
 
