@@ -57,7 +57,6 @@ def test_racing_on_real_actors_keeps_the_path_or_names_the_change_and_forwards_n
     assert calibration_tokens(raced.run_dir, fp) <= calibration_tokens(exact.run_dir, fp)
 
 
-
 def test_an_audit_from_the_exact_and_raced_caches_forwards_only_past_a_changed_decision(ray_session, setup):
     """The audit of a finished racing campaign, on a copy of its cache and the exact campaign's
     (``bench/search_quality.py`` does this): every step's exact scores come from the exact campaign's
@@ -80,6 +79,7 @@ def test_an_audit_from_the_exact_and_raced_caches_forwards_only_past_a_changed_d
         assert not changed and audited.counters.evaluated == 0  # every score from the two caches
     else:  # the exact path's rows answer up to the first changed step; the later steps' are new
         assert changed and 0 < audited.counters.evaluated
+
 
 def test_racing_in_rounds_on_real_actors_decides_on_full_scores(ray_session, setup):
     exact = Campaign(tiny_campaign_config(setup, "exact", **DATA), progress=False).run()  # the first test's: replayed
