@@ -124,11 +124,10 @@ def measure(entry: Entry, fresh: bool = False) -> dict:
         shutil.rmtree(run_dir, ignore_errors=True)
         resumed = False
     donor = result(entry.donor) if entry.donor else None
-    for other in (entry.donor, *entry.also) if not resumed else ():
-        if other and result(other) is None:
+    for other in [n for n in (entry.donor, *entry.also) if n] if not resumed else []:
+        if result(other) is None:
             raise SystemExit(f"{entry.name} reads the cache of {other}, which has not run yet: run it first")
-        if other:
-            shutil.copytree(directory(other) / "evals", run_dir / "evals", dirs_exist_ok=True)
+        shutil.copytree(directory(other) / "evals", run_dir / "evals", dirs_exist_ok=True)
     t0 = time.perf_counter()
     outcome = Campaign(config(entry), progress=False).run()
     wall = time.perf_counter() - t0

@@ -265,11 +265,8 @@ class Scorer:
         whole: dict[Mask, float] = {}
         if end == n_windows:
             for mask in dict.fromkeys(masks):
-                key = self.key(mask, window_set, model_fp)
-                row = self.cache.get(key, model_fp=model_fp, calibration_fp=self.fingerprints[window_set])
-                if row is not None:
-                    whole[mask] = row["ppl"]
-                    self.counters.served(row, self.parent_set(window_set), key)
+                if (ppl := self.cached(mask, window_set, model_fp)) is not None:
+                    whole[mask] = ppl
         rest = [mask for mask in masks if mask not in whole]
         for name in names if rest else ():
             self.score(rest, base, name, f"{label} ({name})", fitness)
