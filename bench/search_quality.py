@@ -54,6 +54,12 @@ COMMON = [f"data.calibration={{sequences: {SEQUENCES}, length: {LENGTH}, seed: 0
           "export=false", "search.kv_weight=once"]
 RACING = ["search.racing.windows=4", "search.racing.keep=3"]
 RACING_ROUNDS = ["search.racing.windows=[4,8,16]", "search.racing.keep=3"]
+NO_PROBES, PROBES = "search.racing.probes=0", "search.racing.probes=1"
+# (name, settings, donor): a probed race starts from the cache of the same race without probes (its
+# rounds are the same up to the first decision a probe changes), its wall time added to its own
+RACES = (("racing", (*RACING, NO_PROBES), "racing"), ("racing rounds", (*RACING_ROUNDS, NO_PROBES), "racing rounds"),
+         ("racing+probes", (*RACING, PROBES), "racing"), ("racing rounds+probes", (*RACING_ROUNDS, PROBES),
+                                                          "racing rounds"))
 EVOLUTION = ["search.method=evolution", "search.evolution.offspring=16", "search.evolution.first_windows=4",
              "search.evolution.survivors=2", "search.evolution.generations=60"]
 TPE = ["search.method=optuna", "search.sampler=tpe", "search.warm_start=blockpruner", "search.trials=64"]
@@ -88,11 +94,11 @@ def entries() -> list[Entry]:
             # replay from the cache of the entry above (offspring come from a seeded generator)
             *([Entry("evolution 240 generations", ratio, (*EVOLUTION, "search.evolution.generations=240"),
                      donor=f"evolution@{ratio}")] if ratio == RATIOS[-1] else []),
-            Entry("racing", ratio, tuple(RACING), donor=low and f"racing@{low}"),
-            Entry("racing rounds", ratio, tuple(RACING_ROUNDS), donor=low and f"racing rounds@{low}"),
+            *(Entry(racing, ratio, tuple(settings),
+                    donor=f"{donor}@{ratio}" if donor != racing else low and f"{racing}@{low}")
+              for racing, settings, donor in RACES),
             *(Entry(f"{racing} audit", ratio, (*settings, "search.racing.audit=true"), donor=f"{racing}@{ratio}",
-                    also=(f"blockpruner@{ratio}",)) for racing, settings in (("racing", RACING),
-                                                                           ("racing rounds", RACING_ROUNDS))),
+                    also=(f"blockpruner@{ratio}",)) for racing, settings, _ in RACES),
             Entry("tpe", ratio, tuple(TPE), donor=f"blockpruner@{ratio}"),
             Entry("evolution+widths", ratio, (*EVOLUTION, "search.widths=true"), donor=f"blockpruner@{ratio}"),
             Entry("blockpruner kl", ratio, tuple(KL), donor=low and f"blockpruner kl@{low}"),
@@ -197,7 +203,10 @@ def write_table() -> None:
              f"SmolLM2-135M, configs/demo.yaml with {SEQUENCES} x {LENGTH} calibration tokens ({SEQUENCES * LENGTH:,}; "
              f"batch {BATCH}), held-out 16 x 256 tokens, {ACTORS} evaluator actors x 1 CPU, fp32, this machine "
              "(2 cores). Racing: round 1 on 4 windows, the best 3 (and any within the margin) on all 32; racing "
-             "rounds: the same cut after rounds on 4, 8 and 16 windows, each with its own margin. TPE: 64 "
+             "rounds: the same cut after rounds on 4, 8 and 16 windows, each with its own margin; +probes: each cut "
+             "also sends its best cut candidate on to all windows (`search.racing.probes: 1`, the default; the "
+             "entries without were measured before probes existed), starting from the same race's cache "
+             "without probes, whose wall time is added. TPE: 64 "
              "trials, warm-started from BlockPruner's mask, proposals kept at or above its ratio. Evolution: 16 "
              "offspring per generation on 4 windows, the best 2 on all 32, 60 generations (at 0.22 also 240), from "
              "BlockPruner's mask; with widths, per-layer levels of head units and MLP channel groups. KL: fitness mean "
@@ -228,7 +237,7 @@ def write_table() -> None:
                       f"calibration windows {evo['calibration']:.3f} vs {greedy['calibration']:.3f}"
                       + ("." if gain > 0 else "; its lower calibration score did not carry over to held-out text."
                          if evo["calibration"] < greedy["calibration"] else closest(f"{name}@{ratio}"))]
-        for racing in ("racing", "racing rounds"):
+        for racing, _, _ in RACES:
             raced = result(f"{racing}@{ratio}")
             if greedy and raced:
                 path = steps(f"{racing}@{ratio}")
@@ -237,7 +246,7 @@ def write_table() -> None:
                           f"({'the same' if same else 'another'} {len(path)} steps) with "
                           f"{greedy['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs "
                           f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."
-                          + audit_sentence(result(f"{racing} audit@{ratio}"), raced, greedy)]
+                          + probe_sentence(f"{racing}@{ratio}") + audit_sentence(result(f"{racing} audit@{ratio}"), raced, greedy)]
         for method in ("blockpruner", "evolution"):
             ppl, kl = result(f"{method}@{ratio}"), result(f"{method} kl@{ratio}")
             if ppl and kl:
@@ -259,6 +268,16 @@ def closest(name: str) -> str:
         return "; no offspring scored a finite perplexity."
     return (f"; no offspring beat the parent, the closest (generation {best['generation']}) scored "
             f"{best['best_offspring_ppl']:.3f} on all windows against {best['parent_ppl']:.3f}.")
+
+
+def probe_sentence(name: str) -> str:
+    """How often a racing entry's probes were chosen: the decisions its cuts alone would have lost."""
+    racing = json.loads((directory(name) / "search.json").read_text())["racing"]
+    if not racing.get("probes"):
+        return ""
+    won = racing["probe_won"]
+    return (f" Probes: {sum(s['probes'] for s in racing['steps'])} in {len(racing['steps'])} steps; "
+            f"{won} step{'s were' if won != 1 else ' was'} won by a probe.")
 
 
 def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:

@@ -152,6 +152,7 @@ class RacingConfig:
     windows: int | tuple[int, ...] | None = None
     keep: int = 3  # each later round: the best this many of the round before ...
     min_margin: float = 0.01  # ... and any within this much log-perplexity of them (or 3 x that round's error spread)
+    probes: int = 1  # each cut also sends on this many of the candidates it cut, the best: their errors widen the margin
     audit: bool = False  # also score every candidate on all windows and record where racing chose otherwise
 
 

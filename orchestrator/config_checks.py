@@ -372,6 +372,7 @@ SCHEMA: Section = (Config, {
             "windows": _racing_windows,
             "keep": _int(1, 3),
             "min_margin": _float(0.0, "0.01", strict=False),
+            "probes": _int(0, 1),
             "audit": _bool,
         }),
     }),

@@ -54,7 +54,7 @@ def make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = No
     from .racing import RacingSearcher
 
     return RacingSearcher(searcher, windows=racing.windows, keep=racing.keep, min_margin=racing.min_margin,
-                          audit=racing.audit)
+                          probes=racing.probes, audit=racing.audit)
 
 
 def _make_searcher(search: SearchConfig, arch: Arch, *, run_dir: Path | None = None, pool_size: int = 1,

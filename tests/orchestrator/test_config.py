@@ -293,6 +293,13 @@ def test_bad_racing_windows_get_one_clear_error(write, value):
         load_config(write(GOOD), [f"search.racing.windows={value}"], check_model=fake_models)
 
 
+def test_racing_probes_default_to_one_and_refuse_a_negative_count(write):
+    assert load_config(write(GOOD), check_model=fake_models).search.racing.probes == 1
+    assert load_config(write(GOOD), ["search.racing.probes=0"], check_model=fake_models).search.racing.probes == 0
+    with pytest.raises(ConfigError, match=r"search.racing.probes .* use e.g. search.racing.probes=1"):
+        load_config(write(GOOD), ["search.racing.probes=-1"], check_model=fake_models)
+
+
 def test_evolution_first_windows_is_auto_a_count_or_null(write):
     assert load_config(write(GOOD), check_model=fake_models).search.evolution.first_windows == "auto"
     for value, expected in (("4", 4), ("null", None), ("auto", "auto")):

@@ -82,6 +82,8 @@ def test_failed_candidates_and_bad_settings():
     assert all(math.isfinite(s.ppl) for s in racing.path)
     with pytest.raises(ValueError, match="racing needs windows >= 1"):
         RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=0)
+    with pytest.raises(ValueError, match="probes >= 0"):
+        RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=2, probes=-1)
     with pytest.raises(RuntimeError):
         RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=2).observe({})
 
@@ -102,7 +104,8 @@ def by_windows(mask: Mask, windows: int | None) -> float:
 def test_rounds_on_more_windows_cut_the_field_and_forward_each_window_once():
     exact = BlockPrunerSearcher(ARCH, DEEP)
     exact_rounds = drive(exact, trap, trap)
-    rounds = RacingSearcher(BlockPrunerSearcher(ARCH, DEEP), windows=(2, 4, 8, 16), keep=2, min_margin=0.001)
+    rounds = RacingSearcher(BlockPrunerSearcher(ARCH, DEEP), windows=(2, 4, 8, 16), keep=2, min_margin=0.001,
+                            probes=0)
     forwarded = one = 0  # window-candidates computed: every candidate reads a round's earlier windows from cache
     seen: dict[Mask, int] = {}  # windows a candidate has been scored on so far this step
     while (proposal := rounds.suggest()) is not None:
@@ -122,6 +125,47 @@ def test_rounds_on_more_windows_cut_the_field_and_forward_each_window_once():
     assert max(len(s["rounds"]) for s in rounds.steps) == 4  # some steps needed every round
     margins = [rounds.margin(r) for r in range(4)]
     assert margins == sorted(margins, reverse=True) and margins[3] < margins[0] / 2  # more windows: narrower cuts
+
+
+def looks_second_best(mask: Mask, windows: int | None = None) -> float:
+    """A score on few windows where step 1's best candidate (MLP 0: 10.5 on all windows) ranks
+    second, behind attention 0 (11.0), by less than nothing: a cut at keep=1 and no margin loses it."""
+    return trap(mask) + (0.55 if windows and 0 in mask.mlp_removed else 0.0)
+
+
+@pytest.mark.parametrize("windows", [4, (2, 4)])
+def test_a_probe_rescues_the_best_candidate_a_cut_would_lose(windows):
+    def race(probes):
+        racing = RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=windows, keep=1, min_margin=0.0,
+                                probes=probes)
+        finals = []
+        while (proposal := racing.suggest()) is not None:
+            if proposal.fidelity is None:
+                finals.append(set(proposal.masks))
+            racing.observe({m: looks_second_best(m, proposal.fidelity) for m in proposal.masks})
+        return racing, finals
+
+    exact = BlockPrunerSearcher(ARCH, TARGET)
+    drive(exact, trap, trap)
+    blind, _ = race(0)
+    assert blind.path[0].mask != exact.path[0].mask  # without a probe the cut loses MLP 0 ...
+    probed, finals = race(1)
+    assert probed.path[0].mask == exact.path[0].mask == Mask(mlp_removed={0})  # ... the probe brings it back,
+    assert Mask(mlp_removed={0}) in finals[0]  # past the later cut that would lose it again (rounds (2, 4))
+    summary = probed.summary()["racing"]
+    assert summary["probes"] == 1 and summary["probe_won"] >= 1 and probed.steps[0]["probe_won"]
+    assert all(s["probes"] <= len(s["rounds"]) for s in probed.steps)  # at most one probe per cut
+
+
+def test_probes_widen_the_margin_they_measure():
+    """Finalists are the candidates round 1 scored luckily; a probe's error adds the other side."""
+    margins = {}
+    for probes in (0, 1):
+        racing = RacingSearcher(BlockPrunerSearcher(ARCH, DEEP), windows=4, keep=2, min_margin=0.0, probes=probes)
+        while (proposal := racing.suggest()) is not None:
+            racing.observe({m: by_windows(m, proposal.fidelity) for m in proposal.masks})
+        margins[probes] = racing.margin()
+    assert margins[1] > margins[0] > 0
 
 
 def test_a_round_that_could_cut_no_one_is_skipped():
