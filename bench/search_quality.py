@@ -224,19 +224,22 @@ def write_table() -> None:
                      f"{r['heldout']:.3f} | {r['tokens']:,} | {r['wall'] / 60:.1f} min{' (resumed)' if r.get('resumed') else ''} |")
     for ratio in RATIOS:
         greedy = result(f"blockpruner@{ratio}")
-        for name in ("evolution", "evolution 240 generations"):
-            evo = result(f"{name}@{ratio}")
-            if not (greedy and evo):
+        for name, start, fitness in (("evolution", "blockpruner", ""), ("evolution 240 generations", "blockpruner", ""),
+                                     ("evolution kl", "blockpruner kl", " with KL fitness")):
+            evo, start_result = result(f"{name}@{ratio}"), result(f"{start}@{ratio}")
+            if not (start_result and evo):
                 continue
-            gain = greedy["heldout"] - evo["heldout"]
+            gain = start_result["heldout"] - evo["heldout"]
             generations = json.loads((directory(f"{name}@{ratio}") / "search.json").read_text())["generations"]
-            lines += ["", f"At {ratio:.2f}, evolution on blocks ({generations} generations) "
-                      f"{'beat' if gain > 0 else 'did not beat'} BlockPruner "
-                      f"on held-out text: {evo['heldout']:.3f} vs {greedy['heldout']:.3f} ({gain:+.3f}), with "
-                      f"{evo['tokens'] / greedy['tokens']:.2f}x BlockPruner's tokens ({evo['tokens']:,}); on the "
-                      f"calibration windows {evo['calibration']:.3f} vs {greedy['calibration']:.3f}"
+            calibration = (f"exp(KL) {evo['calibration']:.4f} vs {start_result['calibration']:.4f}" if fitness
+                           else f"{evo['calibration']:.3f} vs {start_result['calibration']:.3f}")
+            lines += ["", f"At {ratio:.2f}, evolution on blocks{fitness} ({generations} generations) "
+                      f"{'beat' if gain > 0 else 'did not beat'} BlockPruner{fitness} at the same ratio "
+                      f"on held-out text: {evo['heldout']:.3f} vs {start_result['heldout']:.3f} ({gain:+.3f}), with "
+                      f"{evo['tokens'] / start_result['tokens']:.2f}x BlockPruner's tokens ({evo['tokens']:,}); on the "
+                      f"calibration windows {calibration}"
                       + ("." if gain > 0 else "; its lower calibration score did not carry over to held-out text."
-                         if evo["calibration"] < greedy["calibration"] else closest(f"{name}@{ratio}"))]
+                         if evo["calibration"] < start_result["calibration"] else closest(f"{name}@{ratio}"))]
         for racing, _, _ in RACES:
             raced = result(f"{racing}@{ratio}")
             if greedy and raced:
