@@ -280,7 +280,7 @@ def probe_sentence(name: str) -> str:
         return ""
     won = racing["probe_won"]
     return (f" Probes: {sum(s['probes'] for s in racing['steps'])} in {len(racing['steps'])} steps; "
-            f"{won} step{'s were' if won != 1 else ' was'} won by a probe.")
+            + (f"{won} step{'s were' if won != 1 else ' was'} won by a probe." if won else "no step was won by a probe."))
 
 
 def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:
