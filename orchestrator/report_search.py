@@ -1,8 +1,9 @@
-"""The report's section on a whole-mask search (Optuna, evolution), from ``search.json``; writes ``pareto.png``.
+"""The report's sections on a search (Optuna, evolution, racing), from ``search.json``; writes ``pareto.png``.
 
-``search.json`` is written by the campaign from the searcher's ``summary()``: the ratio band,
-trial counts by origin, BlockPruner's mask (the first trial), the best trial and every trial's
-(ratio, perplexity). Run directories of greedy methods have no ``search.json`` and no section.
+``search.json`` is written by the campaign from the searcher's ``summary()``: for Optuna the ratio
+band, trial counts by origin, BlockPruner's mask (the first trial), the best trial and every trial's
+(ratio, perplexity); for evolution its generations; for racing (``"racing"``) its rounds, counts and
+audit. Run directories of exact greedy methods have no ``search.json`` and no section.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ def search_section(run_dir: Path, path: dict[str, Any]) -> list[str]:
     if not file.is_file():
         return []
     search = json.loads(file.read_text())
+    if "racing" in search:
+        return racing_section(search["racing"])
     if search.get("method") == "evolution":
         return evolution_section(search, path)
     if search.get("method") != "optuna":
@@ -91,3 +94,48 @@ def evolution_section(search: dict[str, Any], path: dict[str, Any]) -> list[str]
     else:
         lines.append("No offspring beat the greedy mask: the pruned model is BlockPruner's.")
     return [*lines, ""]
+
+
+def racing_section(racing: dict[str, Any]) -> list[str]:
+    """Markdown lines of a raced greedy search: its rounds, how many candidates each step kept, the
+    steps a probe won and, with the audit, every decision racing changed."""
+    steps, probes = racing["steps"], racing.get("probes", 0)
+    windows = racing["windows"]
+    rounds = ", ".join(map(str, windows[:-1])) + (" and " if len(windows) > 1 else "") + str(windows[-1])
+    lines = ["## Racing", "",
+             f"Each step raced its candidates in rounds on {rounds} calibration windows, then on all of them: "
+             f"every candidate in the first round; in each later one, the best {racing['keep']} of the round before "
+             f"and any within that round's margin (at least {racing['min_margin']} log-perplexity)"
+             + (f", plus {probes} probe{'s' if probes > 1 else ''} per cut (the best candidate{'s' if probes > 1 else ''} "
+                f"it cut, sent on to all windows)." if probes else "; no probes."), "",
+             "| | |", "|---|---:|",
+             f"| steps | {len(steps):,} |",
+             f"| candidates | {racing['candidates']:,} |",
+             f"| scored on all windows | {racing['finalists']:,} |"]
+    if probes:
+        lines += [f"| of them probes | {sum(s.get('probes', 0) for s in steps):,} |",
+                  f"| steps won by a probe (the cut alone would have lost them) | {racing.get('probe_won', 0):,} |"]
+    lines.append("")
+    if steps:
+        margins = ", ".join(f"{m:.3f} on {w} windows" for m, w in zip(steps[-1]["margins"], racing["windows"]))
+        lines += [f"Margins at the last step: {margins}.", ""]
+    if racing.get("audit"):
+        changed = [(i + 1, s["changed"]) for i, s in enumerate(steps) if "changed" in s]
+        lines.append(f"Audit: every candidate was also scored on all windows; racing changed "
+                     f"{len(changed)} decision{'' if len(changed) == 1 else 's'}"
+                     + ("." if not changed else ":"))
+        lines += [f"- step {i}: racing took {_difference(c['racing'], c['exact'])} (calibration "
+                  f"{_cell(c['racing_ppl'])}), the exact step {_difference(c['exact'], c['racing'])} "
+                  f"({_cell(c['exact_ppl'])})" for i, c in changed]
+        lines.append("")
+    return lines
+
+
+def _difference(mask: dict[str, Any], other: dict[str, Any]) -> str:
+    """What ``mask`` removes or narrows that ``other`` does not, e.g. ``MLP 14`` or ``attention 3 to 2 units``."""
+    parts = [f"attention {l}" for l in sorted(set(mask["attn_removed"]) - set(other["attn_removed"]))]
+    parts += [f"MLP {l}" for l in sorted(set(mask["mlp_removed"]) - set(other["mlp_removed"]))]
+    for key, name, unit in (("head_units", "attention", "units"), ("mlp_width", "MLP", "channels")):
+        mine, theirs = mask.get(key) or {}, other.get(key) or {}
+        parts += [f"{name} {l} to {mine[l]} {unit}" for l in sorted(mine, key=int) if theirs.get(l) != mine[l]]
+    return ", ".join(parts) or "the same blocks"

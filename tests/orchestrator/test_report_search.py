@@ -1,4 +1,4 @@
-"""The report's Optuna section and pareto.png, from a real (in-process) searcher's search.json."""
+"""The report's Optuna and racing sections and pareto.png, from real (in-process) searchers' search.json."""
 
 from __future__ import annotations
 
@@ -38,3 +38,46 @@ def test_report_has_the_study_section_and_pareto_png(tmp_path):
         assert "| Optuna best |" in report and "12.000 |" in report
     else:
         assert "did not improve" in report
+
+
+def raced_report(tmp_path, probes: int) -> str:
+    """The report of a raced BlockPruner run whose first round hides step 1's best candidate (MLP 0)."""
+    from orchestrator.search import BlockPrunerSearcher
+    from orchestrator.search.racing import RacingSearcher
+    from tests.orchestrator.test_evolution import ARCH
+    from tests.orchestrator.test_racing import looks_second_best
+
+    racing = RacingSearcher(BlockPrunerSearcher(ARCH, 0.16), windows=4, keep=1, min_margin=0.0, probes=probes,
+                            audit=True)
+    while (proposal := racing.suggest()) is not None:
+        racing.observe({m: looks_second_best(m, proposal.fidelity) for m in proposal.masks})
+    write_json(tmp_path / "search.json", racing.summary())
+    write_json(tmp_path / "path.json", {
+        "dense_ppl": racing.dense_ppl, "dense_params": dense_params(ARCH), "target_ratio": 0.16,
+        "steps": [s.to_dict() for s in racing.path], "arch": dataclasses.asdict(ARCH),
+        "heldout": {"dense_ppl": 9.0, "pruned_ppl": 12.0}})
+    return write_report(tmp_path).read_text()
+
+
+def test_report_has_the_racing_section_with_probes_and_the_audit(tmp_path):
+    blind = raced_report(tmp_path / "blind", probes=0)
+    assert "## Racing" in blind and "rounds on 4 calibration windows" in blind and "no probes" in blind
+    assert "racing changed 1 decision:" in blind  # the cut lost MLP 0 at step 1 ...
+    assert "- step 1: racing took attention 0 (calibration 11.000), the exact step MLP 0 (10.500)" in blind
+    probed = raced_report(tmp_path / "probed", probes=1)
+    assert "plus 1 probe per cut" in probed and "| steps won by a probe (the cut alone would have lost them) | 1 |" in probed
+    assert "racing changed 0 decisions." in probed  # ... the probe brought it back
+
+
+def test_an_exact_greedy_run_has_no_racing_section(tmp_path):
+    from orchestrator.search import BlockPrunerSearcher
+    from tests.orchestrator.test_evolution import ARCH, trap
+
+    exact = BlockPrunerSearcher(ARCH, 0.16)
+    while (proposal := exact.suggest()) is not None:
+        exact.observe({m: trap(m) for m in proposal.masks})
+    assert exact.summary() is None  # no search.json, so no section
+    write_json(tmp_path / "path.json", {
+        "dense_ppl": exact.dense_ppl, "dense_params": dense_params(ARCH), "target_ratio": 0.16,
+        "steps": [s.to_dict() for s in exact.path], "arch": dataclasses.asdict(ARCH), "heldout": {}})
+    assert "## Racing" not in write_report(tmp_path).read_text()
