@@ -101,9 +101,10 @@ def racing_section(racing: dict[str, Any]) -> list[str]:
     steps a probe won and, with the audit, every decision racing changed."""
     steps, probes = racing["steps"], racing.get("probes", 0)
     windows = racing["windows"]
-    rounds = ", ".join(map(str, windows[:-1])) + (" and " if len(windows) > 1 else "") + str(windows[-1])
+    rounds = (f"a round on {windows[0]}" if len(windows) == 1
+              else "rounds on " + ", ".join(map(str, windows[:-1])) + f" and {windows[-1]}")
     lines = ["## Racing", "",
-             f"Each step raced its candidates in rounds on {rounds} calibration windows, then on all of them: "
+             f"Each step raced its candidates in {rounds} calibration windows, then on all of them: "
              f"every candidate in the first round; in each later one, the best {racing['keep']} of the round before "
              f"and any within that round's margin (at least {racing['min_margin']} log-perplexity)"
              + (f", plus {probes} probe{'s' if probes > 1 else ''} per cut (the best candidate{'s' if probes > 1 else ''} "

@@ -61,7 +61,7 @@ def raced_report(tmp_path, probes: int) -> str:
 
 def test_report_has_the_racing_section_with_probes_and_the_audit(tmp_path):
     blind = raced_report(tmp_path / "blind", probes=0)
-    assert "## Racing" in blind and "rounds on 4 calibration windows" in blind and "no probes" in blind
+    assert "## Racing" in blind and "in a round on 4 calibration windows" in blind and "no probes" in blind
     assert "racing changed 1 decision:" in blind  # the cut lost MLP 0 at step 1 ...
     assert "- step 1: racing took attention 0 (calibration 11.000), the exact step MLP 0 (10.500)" in blind
     probed = raced_report(tmp_path / "probed", probes=1)
