@@ -182,3 +182,33 @@ def test_a_round_that_could_cut_no_one_is_skipped():
 def test_rounds_must_grow(windows):
     with pytest.raises(ValueError, match="increasing window counts"):
         RacingSearcher(BlockPrunerSearcher(ARCH, TARGET), windows=windows)
+
+
+def test_a_race_stopped_mid_step_replays_from_the_cache_to_the_same_path():
+    """A driver killed mid-step: the rerun's racer asks again what the first asked, in the same order
+    (probes included), every answer comes from the cache, and the path is the uninterrupted one's."""
+
+    def run(cache, stop_after=None):
+        racing = RacingSearcher(BlockPrunerSearcher(ARCH, DEEP), windows=(2, 4, 8), keep=2, min_margin=0.001)
+        computed = proposals = 0
+        while (proposal := racing.suggest()) is not None:
+            scores = {}
+            for m in proposal.masks:
+                if (m, proposal.fidelity) not in cache:
+                    cache[m, proposal.fidelity], computed = by_windows(m, proposal.fidelity), computed + 1
+                scores[m] = cache[m, proposal.fidelity]
+            proposals += 1
+            if proposals == stop_after:
+                return racing, computed  # scored and cached, never observed
+            racing.observe(scores)
+        return racing, computed
+
+    whole, computed = run({})
+    assert sum(s["probes"] for s in whole.steps) > 0
+    for stop_after in (3, 7, 12):
+        cache: dict = {}
+        _, before = run(cache, stop_after)
+        again, after = run(cache)
+        assert [s.to_dict() for s in again.path] == [s.to_dict() for s in whole.path]
+        assert before + after == computed  # nothing scored twice, nothing more than the uninterrupted run
+        assert again.steps == whole.steps
