@@ -8,7 +8,8 @@ batch 2), ``search.max_steps=3``, 2 evaluator actors x 1 CPU, cold run directori
 other:
 
 - exact: every candidate on all 32 windows;
-- racing: every candidate on the first 4 windows, the best 3 (and any within the margin) on all 32;
+- racing: every candidate on the first 4 windows, the best 3 (and any within the margin) and the
+  probe (the best candidate cut) on all 32;
 - only if racing took another path, racing with ``audit``: the exact step too, and every decision
   racing changed with what it cost.
 
@@ -72,7 +73,8 @@ def write_results(exact: dict, raced: dict, audited: dict | None) -> None:
              f"search.max_steps=3, 2 evaluator actors x 1 CPU, fp32, cold run directories, "
              f"{time.strftime('%Y-%m-%d')}, this machine. Racing: every candidate on the first {ROUND1} windows, the "
              f"best 3 and any within the margin (at least 0.01 in log-perplexity, else 3 x the spread of round 1's "
-             f"errors) on all {SEQUENCES}. Tokens: what the evaluators forwarded on calibration windows, from each "
+             f"errors) on all {SEQUENCES}, and {raced['racing'].get('probes', 0)} probe(s): each cut's best cut "
+             f"candidate on all {SEQUENCES} too. Tokens: what the evaluators forwarded on calibration windows, from each "
              "run's cache. Held-out: 16 x 256 tokens.", "",
              "| campaign | path | calibration ppl per step | held-out ppl | tokens forwarded | round 2 entrants / "
              "candidates | wall |", "|---|---|---|---:|---:|---:|---:|"]
