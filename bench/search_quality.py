@@ -249,7 +249,8 @@ def write_table() -> None:
                           f"({'the same' if same else 'another'} {len(path)} steps) with "
                           f"{greedy['tokens'] / raced['tokens']:.2f}x fewer tokens ({raced['tokens']:,} vs "
                           f"{greedy['tokens']:,}); held-out {raced['heldout']:.3f} vs {greedy['heldout']:.3f}."
-                          + probe_sentence(f"{racing}@{ratio}") + audit_sentence(result(f"{racing} audit@{ratio}"), raced, greedy)]
+                          + probe_sentence(f"{racing}@{ratio}")
+                          + audit_sentence(result(f"{racing} audit@{ratio}"), raced, greedy)]
         for method in ("blockpruner", "evolution"):
             ppl, kl = result(f"{method}@{ratio}"), result(f"{method} kl@{ratio}")
             if ppl and kl:
@@ -280,7 +281,8 @@ def probe_sentence(name: str) -> str:
         return ""
     won = racing["probe_won"]
     return (f" Probes: {sum(s['probes'] for s in racing['steps'])} in {len(racing['steps'])} steps; "
-            + (f"{won} step{'s were' if won != 1 else ' was'} won by a probe." if won else "no step was won by a probe."))
+            + (f"{won} step{'s were' if won != 1 else ' was'} won by a probe." if won
+               else "no step was won by a probe."))
 
 
 def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:

@@ -100,6 +100,7 @@ def racing_section(racing: dict[str, Any]) -> list[str]:
     """Markdown lines of a raced greedy search: its rounds, how many candidates each step kept, the
     steps a probe won and, with the audit, every decision racing changed."""
     steps, probes = racing["steps"], racing.get("probes", 0)
+    plural = "s" if probes > 1 else ""
     windows = racing["windows"]
     rounds = (f"a round on {windows[0]}" if len(windows) == 1
               else "rounds on " + ", ".join(map(str, windows[:-1])) + f" and {windows[-1]}")
@@ -107,8 +108,8 @@ def racing_section(racing: dict[str, Any]) -> list[str]:
              f"Each step raced its candidates in {rounds} calibration windows, then on all of them: "
              f"every candidate in the first round; in each later one, the best {racing['keep']} of the round before "
              f"and any within that round's margin (at least {racing['min_margin']} log-perplexity)"
-             + (f", plus {probes} probe{'s' if probes > 1 else ''} per cut (the best candidate{'s' if probes > 1 else ''} "
-                f"it cut, sent on to all windows)." if probes else "; no probes."), "",
+             + (f", plus {probes} probe{plural} per cut (the best candidate{plural} it cut, sent on to all "
+                "windows)." if probes else "; no probes."), "",
              "| | |", "|---|---:|",
              f"| steps | {len(steps):,} |",
              f"| candidates | {racing['candidates']:,} |",

@@ -129,7 +129,7 @@ def test_rounds_on_more_windows_cut_the_field_and_forward_each_window_once():
 
 def looks_second_best(mask: Mask, windows: int | None = None) -> float:
     """A score on few windows where step 1's best candidate (MLP 0: 10.5 on all windows) ranks
-    second, behind attention 0 (11.0), by less than nothing: a cut at keep=1 and no margin loses it."""
+    second (11.05), just behind attention 0 (11.0): a cut at keep=1 with no margin loses it."""
     return trap(mask) + (0.55 if windows and 0 in mask.mlp_removed else 0.0)
 
 

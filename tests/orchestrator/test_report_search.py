@@ -65,7 +65,8 @@ def test_report_has_the_racing_section_with_probes_and_the_audit(tmp_path):
     assert "racing changed 1 decision:" in blind  # the cut lost MLP 0 at step 1 ...
     assert "- step 1: racing took attention 0 (calibration 11.000), the exact step MLP 0 (10.500)" in blind
     probed = raced_report(tmp_path / "probed", probes=1)
-    assert "plus 1 probe per cut" in probed and "| steps won by a probe (the cut alone would have lost them) | 1 |" in probed
+    assert "plus 1 probe per cut" in probed
+    assert "| steps won by a probe (the cut alone would have lost them) | 1 |" in probed
     assert "racing changed 0 decisions." in probed  # ... the probe brought it back
 
 
