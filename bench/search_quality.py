@@ -287,6 +287,8 @@ def probe_sentence(name: str) -> str:
 
 def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:
     """What the audit of a racing entry found, and what racing's path cost on held-out text."""
+    from orchestrator.report_search import mask_difference
+
     if audit is None:
         return ""
     changed = audit["changed"]
@@ -294,16 +296,11 @@ def audit_sentence(audit: dict | None, raced: dict, greedy: dict) -> str:
              f"{len(changed)} changed decision{'s' if len(changed) != 1 else ''}")
     if not changed:
         return found + "."
-    return (found + ": " + "; ".join(f"step {c['step']}, racing removed {removed(c['racing'], c['exact'])} "
-                                    f"(calibration {c['racing_ppl']:.3f}) where the exact step removes "
-                                    f"{removed(c['exact'], c['racing'])} ({c['exact_ppl']:.3f})" for c in changed)
+    return (found + ": " + "; ".join(
+        f"step {c['step']}, racing removed {mask_difference(c['racing'], c['exact'])} (calibration "
+        f"{c['racing_ppl']:.3f}) where the exact step removes {mask_difference(c['exact'], c['racing'])} "
+        f"({c['exact_ppl']:.3f})" for c in changed)
             + f"; racing's path costs {raced['heldout'] - greedy['heldout']:+.3f} held-out perplexity.")
-
-
-def removed(mask: dict, other: dict) -> str:
-    """The blocks ``mask`` removes and ``other`` does not, e.g. ``MLP 14``."""
-    return ", ".join([f"attention {l}" for l in sorted(set(mask["attn_removed"]) - set(other["attn_removed"]))]
-                     + [f"MLP {l}" for l in sorted(set(mask["mlp_removed"]) - set(other["mlp_removed"]))]) or "-"
 
 
 def main() -> None:

@@ -126,14 +126,14 @@ def racing_section(racing: dict[str, Any]) -> list[str]:
         lines.append(f"Audit: every candidate was also scored on all windows; racing changed "
                      f"{len(changed)} decision{'' if len(changed) == 1 else 's'}"
                      + ("." if not changed else ":"))
-        lines += [f"- step {i}: racing took {_difference(c['racing'], c['exact'])} (calibration "
-                  f"{_cell(c['racing_ppl'])}), the exact step {_difference(c['exact'], c['racing'])} "
+        lines += [f"- step {i}: racing took {mask_difference(c['racing'], c['exact'])} (calibration "
+                  f"{_cell(c['racing_ppl'])}), the exact step {mask_difference(c['exact'], c['racing'])} "
                   f"({_cell(c['exact_ppl'])})" for i, c in changed]
         lines.append("")
     return lines
 
 
-def _difference(mask: dict[str, Any], other: dict[str, Any]) -> str:
+def mask_difference(mask: dict[str, Any], other: dict[str, Any]) -> str:
     """What ``mask`` removes or narrows that ``other`` does not, e.g. ``MLP 14`` or ``attention 3 to 2 units``."""
     parts = [f"attention {l}" for l in sorted(set(mask["attn_removed"]) - set(other["attn_removed"]))]
     parts += [f"MLP {l}" for l in sorted(set(mask["mlp_removed"]) - set(other["mlp_removed"]))]
